@@ -1,0 +1,59 @@
+# gpt_hc: GPT-2 with Hyper-Connections (residual | shc | dhc | mhc), llm.c style.
+#   make train      prepare the tiny data if missing, train a small model on the CPU
+#   make test       tokenizer/data tests + CPU trainer tests against the PyTorch dumps
+#   make            build the CPU trainer and its test (and the CUDA trainer if nvcc exists)
+CC ?= gcc
+CFLAGS ?= -O3 -march=native -Wall -Wextra -Wno-unused-function -Wno-unused-parameter -Wno-format-truncation
+OMPFLAGS ?= -fopenmp -DOMP
+LDLIBS = -lm
+PYTHON ?= python3
+SHELL := /bin/bash
+
+.PHONY: all train test test-data test-c test-asan data data-small data-large ref bench-cpu clean
+
+all: train_gpt_hc test_gpt_hc
+
+train_gpt_hc: train_gpt_hc.c llmc/*.h
+	$(CC) $(CFLAGS) $(OMPFLAGS) $< $(LDLIBS) -o $@
+
+test_gpt_hc: test_gpt_hc.c train_gpt_hc.c llmc/*.h
+	$(CC) $(CFLAGS) $(OMPFLAGS) $< $(LDLIBS) -o $@
+
+data: data/tiny/manifest.json data/gpt2_tokenizer.bin
+data/tiny/manifest.json data/gpt2_tokenizer.bin:
+	$(PYTHON) scripts/prepare_data.py tiny
+data-small:
+	$(PYTHON) scripts/prepare_data.py small
+data-large:
+	$(PYTHON) scripts/prepare_data.py large
+
+# the default run: a d4 GPT-2 (residual; add MODE=mhc etc.) on the tiny corpus, a few minutes
+MODE ?= residual
+STEPS ?= 300
+train: train_gpt_hc data
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} ./train_gpt_hc -e d4 -H $(MODE) -b 4 -t 64 -l 1e-3 -u 20 -q 0.1 -x $(STEPS) -v 50 -s 100 -o log_$(MODE)
+
+test: test-data test-c
+
+test-data: data
+	$(PYTHON) scripts/test_data.py
+
+test-c: test_gpt_hc
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} ./test_gpt_hc
+
+# the C tests once more with AddressSanitizer + UndefinedBehaviorSanitizer (trainer included)
+SANFLAGS = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -Wall -Wno-format-truncation
+test-asan: train_gpt_hc.c test_gpt_hc.c llmc/*.h
+	$(CC) $(SANFLAGS) $(OMPFLAGS) train_gpt_hc.c $(LDLIBS) -o train_gpt_hc_asan
+	$(CC) $(SANFLAGS) $(OMPFLAGS) test_gpt_hc.c $(LDLIBS) -o test_gpt_hc_asan
+	GPT_HC_TRAINER=./train_gpt_hc_asan OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} ./test_gpt_hc_asan
+
+bench-cpu: train_gpt_hc data
+	$(PYTHON) scripts/bench_cpu.py
+
+# regenerate the committed reference dumps (needs PyTorch)
+ref:
+	$(PYTHON) scripts/reference.py
+
+clean:
+	rm -f train_gpt_hc test_gpt_hc train_gpt_hc_asan test_gpt_hc_asan train_gpt_hcu test_gpt_hcu *.o

@@ -1,0 +1,405 @@
+/*
+Tests of the CPU trainer (run by `make test`):
+ 1. against the PyTorch float64 dumps in data/ref (scripts/reference.py), for residual, shc n=4,
+    dhc n=4, mhc n=4, mhc n=2: logits, loss, every parameter gradient (max abs and relative
+    error per tensor), every sublayer's (pre, post, res) coefficients, and the losses of 10
+    AdamW steps;
+ 2. finite differences on the largest-gradient entries of every HC/mHC tensor;
+ 3. gradient accumulation: two half batches give the gradient of the whole batch;
+ 4. the command line (./train_gpt_hc): resuming from a checkpoint is bit-exact, and bad input
+    (flags, shards, checkpoints) ends with a one-line error and a non-zero exit.
+Tolerances: fp32 against float64 over this small model lands near 1e-6 relative; we allow
+1e-4 relative to each tensor's largest reference value (two orders of headroom; a wrong formula
+is off by O(1)). Prints 'N passed, N failed' last.
+*/
+#define TESTING
+#include "train_gpt_hc.c"
+#include <sys/wait.h>
+
+static int g_pass = 0, g_fail = 0;
+
+static void report(int ok, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    printf("%s ", ok ? "PASS" : "FAIL");
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+    if (ok) g_pass++; else g_fail++;
+    fflush(stdout);
+}
+
+// max |a - b| and max |b|
+static void diff_stats(const float *a, const float *b, size_t n, double *maxabs, double *maxref) {
+    double m = 0.0, r = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)b[i]);
+        if (!(d <= m)) m = d;   // NaN propagates into a failure
+        if (fabs(b[i]) > r) r = fabs(b[i]);
+    }
+    *maxabs = m;
+    *maxref = r;
+}
+
+typedef struct {
+    int B, T, S, Vp, n, K;
+    size_t P;
+    double hyper[8];
+    int *inputs, *targets;
+    double *losses;
+    float *logits, *grads, *coeffs;
+} DebugState;
+
+static void read_debug(DebugState *d, const char *path, size_t expected_P) {
+    FILE *fp = fopenCheck(path, "rb");
+    int h[256];
+    freadCheck(h, sizeof(int), 256, fp, path);
+    if (h[0] != DEBUG_MAGIC || h[1] != DEBUG_VERSION) die("%s: bad debug-state magic/version", path);
+    d->B = h[2]; d->T = h[3]; d->S = h[4];
+    d->P = (size_t)(uint32_t)h[5] | ((size_t)(uint32_t)h[6] << 32);
+    d->Vp = h[7]; d->n = h[8]; d->K = h[9];
+    if (d->P != expected_P) die("%s: %zu parameters, the model has %zu", path, d->P, expected_P);
+    size_t BT = (size_t)d->B * d->T, nc = (size_t)d->K * BT * (2 * d->n + d->n * d->n);
+    freadCheck(d->hyper, sizeof(double), 8, fp, path);
+    d->inputs = (int *)mallocCheck(BT * sizeof(int));
+    d->targets = (int *)mallocCheck(BT * sizeof(int));
+    d->losses = (double *)mallocCheck(d->S * sizeof(double));
+    d->logits = (float *)mallocCheck(BT * d->Vp * sizeof(float));
+    d->grads = (float *)mallocCheck(d->P * sizeof(float));
+    d->coeffs = (float *)mallocCheck(nc * sizeof(float));
+    freadCheck(d->inputs, sizeof(int), BT, fp, path);
+    freadCheck(d->targets, sizeof(int), BT, fp, path);
+    freadCheck(d->losses, sizeof(double), d->S, fp, path);
+    freadCheck(d->logits, sizeof(float), BT * d->Vp, fp, path);
+    freadCheck(d->grads, sizeof(float), d->P, fp, path);
+    freadCheck(d->coeffs, sizeof(float), nc, fp, path);
+    char extra;
+    if (fread(&extra, 1, 1, fp) != 0) die("%s: trailing bytes", path);
+    fclose(fp);
+}
+
+static void free_debug(DebugState *d) {
+    free(d->inputs); free(d->targets); free(d->losses); free(d->logits); free(d->grads); free(d->coeffs);
+}
+
+// one AdamW step on the debug batch as scripts/reference.py does it (constant lr); returns loss
+static float train_step(GPTHC *m, const DebugState *d, int t) {
+    gpt_forward(m, d->inputs, d->targets, d->B, d->T);
+    gpt_zero_grad(m);
+    gpt_backward(m, 1.0f);
+    float norm = gpt_grad_norm(m), clip = (float)d->hyper[5];
+    float scale = norm > clip ? clip / norm : 1.0f;
+    gpt_update(m, (float)d->hyper[0], (float)d->hyper[1], (float)d->hyper[2], (float)d->hyper[3], (float)d->hyper[4], scale, t);
+    return m->mean_loss;
+}
+
+static double loss_at(GPTHC *m, const DebugState *d) {
+    gpt_forward(m, d->inputs, d->targets, d->B, d->T);
+    double s = 0.0;
+    for (int i = 0; i < d->B * d->T; i++) s += m->acts.losses[i];
+    return s / (d->B * d->T);
+}
+
+static void test_reference(const char *name) {
+    char mpath[256], dpath[256];
+    snprintf(mpath, sizeof mpath, "data/ref/%s_model.bin", name);
+    snprintf(dpath, sizeof dpath, "data/ref/%s_debug.bin", name);
+    GPTHC model;
+    gpt_build_from_checkpoint(&model, mpath);
+    DebugState d;
+    read_debug(&d, dpath, model.num_parameters);
+    GPTHCConfig *c = &model.config;
+    int B = d.B, T = d.T, BT = B * T, n = c->n, K = 2 * c->num_layers;
+
+    // forward: logits and loss
+    gpt_forward(&model, d.inputs, d.targets, B, T);
+    double ma, mr;
+    diff_stats(model.acts.logits, d.logits, (size_t)BT * c->padded_vocab_size, &ma, &mr);
+    report(ma / mr < 1e-5, "%-8s logits: max abs err %.2e, rel %.2e", name, ma, ma / mr);
+    double lerr = fabs(model.mean_loss - d.losses[0]);
+    report(lerr < 1e-5, "%-8s loss %.6f vs %.6f: err %.2e", name, model.mean_loss, d.losses[0], lerr);
+
+    // coefficients of every sublayer (residual: all 1)
+    if (c->mode != MODE_RESIDUAL) {
+        double worst = 0.0;
+        int w = 2 * n + n * n;
+        for (int k = 0; k < K; k++)
+            for (int bt = 0; bt < BT; bt++) {
+                const float *ref = d.coeffs + ((size_t)k * BT + bt) * w;
+                for (int i = 0; i < n; i++) {
+                    worst = fmax(worst, fabs(model.acts.pre[((size_t)k * BT + bt) * n + i] - ref[i]));
+                    worst = fmax(worst, fabs(model.acts.post[((size_t)k * BT + bt) * n + i] - ref[n + i]));
+                }
+                for (int q = 0; q < n * n; q++)
+                    worst = fmax(worst, fabs(model.acts.res[((size_t)k * BT + bt) * n * n + q] - ref[2 * n + q]));
+            }
+        report(worst < 1e-5, "%-8s coefficients (pre, post, res) of %d sublayers: max abs err %.2e", name, K, worst);
+    }
+
+    // backward: every parameter tensor
+    gpt_zero_grad(&model);
+    gpt_backward(&model, 1.0f);
+    size_t off = 0;
+    for (int ti = 0; ti < NUM_PARAMETER_TENSORS; ti++) {
+        size_t sz = model.param_sizes[ti];
+        if (sz == 0) continue;
+        diff_stats(model.grads_memory + off, d.grads + off, sz, &ma, &mr);
+        double rel = mr > 0 ? ma / mr : ma;
+        report(rel < 1e-4, "%-8s grad %-9s max abs err %.2e, max |ref| %.2e, rel %.2e", name, PARAM_NAMES[ti], ma, mr, rel);
+        off += sz;
+    }
+
+    // 10 AdamW steps from the same checkpoint
+    GPTHC m2;
+    gpt_build_from_checkpoint(&m2, mpath);
+    double worst = 0.0;
+    for (int t = 1; t <= d.S; t++) {
+        float l = train_step(&m2, &d, t);
+        worst = fmax(worst, fabs(l - d.losses[t - 1]));
+    }
+    report(worst < 1e-4, "%-8s %d AdamW steps: losses %.5f -> %.5f, max err %.2e", name, d.S, d.losses[0], d.losses[d.S - 1], worst);
+
+    // finite differences on the trained model, whose HC parameters have moved from their init:
+    // the 3 entries of largest gradient in each HC/mHC tensor
+    if (c->mode != MODE_RESIDUAL) {
+        gpt_forward(&m2, d.inputs, d.targets, B, T);
+        gpt_zero_grad(&m2);
+        gpt_backward(&m2, 1.0f);
+        off = 0;
+        for (int ti = 0; ti < NUM_PARAMETER_TENSORS; ti++) {
+            size_t sz = m2.param_sizes[ti];
+            if (ti >= P_HC_A && sz > 0) {
+                double worst_rel = 0.0;
+                int used[3] = {-1, -1, -1};
+                for (int pick = 0; pick < 3 && pick < (int)sz; pick++) {
+                    int best = -1;
+                    for (size_t i = 0; i < sz; i++) {
+                        if ((int)i == used[0] || (int)i == used[1]) continue;
+                        if (best < 0 || fabsf(m2.grads_memory[off + i]) > fabsf(m2.grads_memory[off + best])) best = (int)i;
+                    }
+                    used[pick] = best;
+                    float *p = m2.params_memory + off + best, saved = *p;
+                    double an = m2.grads_memory[off + best];
+                    float eps = 1e-2f * fmaxf(1.0f, fabsf(saved));
+                    *p = saved + eps;
+                    double lp = loss_at(&m2, &d);
+                    *p = saved - eps;
+                    double lm = loss_at(&m2, &d);
+                    *p = saved;
+                    double fd = (lp - lm) / (2.0 * ((double)(saved + eps) - (double)saved));
+                    // fp32 loss noise (~1e-7) over 2 eps gives a floor of ~1e-5 in fd
+                    double err = fabs(fd - an) / (2e-2 * fabs(an) + 2e-5);
+                    if (err > worst_rel) worst_rel = err;
+                }
+                report(worst_rel < 1.0, "%-8s finite differences %-9s 3 largest-gradient entries: max |fd-an|/(2e-2|an|+2e-5) = %.2f",
+                       name, PARAM_NAMES[ti], worst_rel);
+                // the whole tensor along its gradient: d/de f(p + e g/|g|) = |g|, a large signal
+                double gn = 0.0;
+                for (size_t i = 0; i < sz; i++) gn += (double)m2.grads_memory[off + i] * m2.grads_memory[off + i];
+                gn = sqrt(gn);
+                float *saved = (float *)mallocCheck(sz * sizeof(float));
+                memcpy(saved, m2.params_memory + off, sz * sizeof(float));
+                // step so the loss moves by ~2e-4, well above fp32 noise (~1e-7); central differences
+                // at e and e/2 combined (Richardson) cancel the e^2 curvature term
+                double e = fmin(1.0, fmax(1e-2, 2e-4 / gn)), D[2];
+                for (int h = 0; h < 2; h++) {
+                    double eh = h ? e / 2 : e, lpm[2];
+                    for (int sgn = 0; sgn < 2; sgn++) {
+                        for (size_t i = 0; i < sz; i++)
+                            m2.params_memory[off + i] = saved[i] + (sgn ? -1 : 1) * (float)(eh * m2.grads_memory[off + i] / gn);
+                        lpm[sgn] = loss_at(&m2, &d);
+                    }
+                    D[h] = (lpm[0] - lpm[1]) / (2 * eh);
+                }
+                memcpy(m2.params_memory + off, saved, sz * sizeof(float));
+                free(saved);
+                double dd = (4 * D[1] - D[0]) / 3;
+                report(fabs(dd - gn) / gn < 1e-2, "%-8s directional derivative %-9s along its gradient: fd %.6e vs |g| %.6e",
+                       name, PARAM_NAMES[ti], dd, gn);
+            }
+            off += sz;
+        }
+    }
+    gpt_free(&m2);
+
+    // gradient accumulation: two half batches (loss_scale 0.5 each) = the whole batch
+    if (B % 2 == 0) {
+        float *full = (float *)mallocCheck(model.num_parameters * sizeof(float));
+        memcpy(full, model.grads_memory, model.num_parameters * sizeof(float));
+        gpt_zero_grad(&model);
+        for (int half = 0; half < 2; half++) {
+            gpt_forward(&model, d.inputs + half * BT / 2, d.targets + half * BT / 2, B / 2, T);
+            gpt_backward(&model, 0.5f);
+        }
+        diff_stats(model.grads_memory, full, model.num_parameters, &ma, &mr);
+        report(ma / mr < 1e-5, "%-8s gradient accumulation over 2 micro-batches: rel err %.2e", name, ma / mr);
+        free(full);
+    }
+    free_debug(&d);
+    gpt_free(&model);
+}
+
+// Sinkhorn-Knopp backward against finite differences in float on random logits, n = 1..8
+static void test_sinkhorn(void) {
+    uint64_t rng = 7;
+    double worst = 0.0, worst_rows = 0.0;
+    for (int n = 1; n <= MAX_STREAMS; n++) {
+        int iters = 20, nn = n * n;
+        float X[64], dOut[64], dX[64], out[64];
+        float *work = (float *)mallocCheck(((size_t)(2 * iters + 1) * nn + 2 * iters * n) * sizeof(float));
+        for (int q = 0; q < nn; q++) { X[q] = 2.0f * rng_uniform(&rng) - 1.0f; dOut[q] = rng_uniform(&rng) - 0.5f; }
+        sinkhorn_forward(out, X, n, iters, NULL, NULL);
+        for (int i = 0; i < n; i++) {
+            double s = 0.0;
+            for (int j = 0; j < n; j++) s += out[i * n + j];
+            worst_rows = fmax(worst_rows, fabs(s - 1.0));
+        }
+        sinkhorn_backward(dX, dOut, X, n, iters, work);
+        for (int q = 0; q < nn; q++) {
+            float saved = X[q], e = 1e-2f, op[64], om[64];
+            X[q] = saved + e; sinkhorn_forward(op, X, n, iters, NULL, NULL);
+            X[q] = saved - e; sinkhorn_forward(om, X, n, iters, NULL, NULL);
+            X[q] = saved;
+            double fd = 0.0;
+            for (int r = 0; r < nn; r++) fd += (double)dOut[r] * ((double)op[r] - om[r]) / (2 * e);
+            worst = fmax(worst, fabs(fd - dX[q]) / (fabs(dX[q]) + 1e-3));
+        }
+        free(work);
+    }
+    report(worst_rows < 1e-5, "sinkhorn rows sum to 1 for n = 1..8: max err %.2e", worst_rows);
+    report(worst < 2e-2, "sinkhorn backward vs finite differences for n = 1..8: max rel err %.2e", worst);
+}
+
+// ----------------------------------------------------------------------------
+// command-line tests (./train_gpt_hc must be built)
+
+static int run_cmd(const char *cmd, char *err, size_t errlen) {
+    char full[4096];
+    snprintf(full, sizeof full, "%s 2>/tmp/gpt_hc_test_err >/tmp/gpt_hc_test_out", cmd);
+    int st = system(full);
+    FILE *fp = fopen("/tmp/gpt_hc_test_err", "r");
+    err[0] = '\0';
+    if (fp) { size_t r = fread(err, 1, errlen - 1, fp); err[r] = '\0'; fclose(fp); }
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+}
+
+// expect a non-zero exit and exactly one line on stderr starting "error:" and containing want
+static void expect_error(const char *what, const char *cmd, const char *want) {
+    char err[8192];
+    int rc = run_cmd(cmd, err, sizeof err);
+    int lines = 0;
+    for (char *p = err; *p; p++) lines += *p == '\n';
+    int ok = rc != 0 && strncmp(err, "error: ", 7) == 0 && lines == 1 && strstr(err, want) != NULL;
+    report(ok, "bad input rejected: %s (exit %d: %.*s)", what, rc, (int)strcspn(err, "\n"), err);
+}
+
+static void write_shard(const char *path, int magic, int ntok, int declared, int bad_token) {
+    int h[256] = {0};
+    h[0] = magic; h[1] = 1; h[2] = declared;
+    FILE *fp = fopenCheck(path, "wb");
+    fwriteCheck(h, sizeof(int), 256, fp, path);
+    for (int i = 0; i < ntok; i++) {
+        uint16_t t = (uint16_t)(i == ntok / 2 && bad_token ? 60000 : (i * 7919) % 50257);
+        fwriteCheck(&t, 2, 1, fp, path);
+    }
+    fclose(fp);
+}
+
+static int files_equal(const char *a, const char *b) {
+    FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
+    int eq = fa && fb;
+    while (eq) {
+        int ca = fgetc(fa), cb = fgetc(fb);
+        if (ca != cb) eq = 0;
+        if (ca == EOF || cb == EOF) break;
+    }
+    if (fa) fclose(fa);
+    if (fb) fclose(fb);
+    return eq;
+}
+
+static void test_cli(void) {
+    // the trainer binary under test (make test-asan points this at the sanitized build)
+    const char *trainer = getenv("GPT_HC_TRAINER") ? getenv("GPT_HC_TRAINER") : "./train_gpt_hc";
+    if (access(trainer, X_OK) != 0) { report(0, "%s is not built", trainer); return; }
+    char dir[] = "/tmp/gpt_hc_test_XXXXXX";
+    if (mkdtemp(dir) == NULL) die("mkdtemp failed");
+    char cmd[4096], a[4096], b[4096], err[8192];
+    // a small shard pair for fast runs
+    snprintf(a, sizeof a, "%s/ok_train_000000.bin", dir); write_shard(a, 20240520, 4000, 4000, 0);
+    snprintf(a, sizeof a, "%s/ok_val_000000.bin", dir); write_shard(a, 20240520, 2000, 2000, 0);
+    char base[512], base_t[512];
+    snprintf(base, sizeof base, "%s -e d1 -b 2 -t 16 -v 0 -s 0", trainer);
+    snprintf(base_t, sizeof base_t, "%s -e d1 -b 1 -t 2048 -v 0 -s 0", trainer);
+
+    // resume: 6 steps straight vs 3 steps, then resume to 6 from the checkpoint; bit-exact
+    const char *modes[] = {"residual", "mhc", "dhc"};
+    for (int mi = 0; mi < 3; mi++) {
+        snprintf(cmd, sizeof cmd, "%s -H %s -i '%s/ok_train_*' -j '%s/ok_val_*' -x 6 -n 3 -d 64 -l 1e-3 -o %s/run_a_%s",
+                 base, modes[mi], dir, dir, dir, modes[mi]);
+        int rc1 = run_cmd(cmd, err, sizeof err);
+        snprintf(cmd, sizeof cmd, "mkdir -p %s/run_b_%s && cp %s/run_a_%s/*_00000003* %s/run_b_%s/", dir, modes[mi], dir, modes[mi], dir, modes[mi]);
+        int rc2 = system(cmd);
+        snprintf(cmd, sizeof cmd, "%s -H %s -i '%s/ok_train_*' -j '%s/ok_val_*' -x 6 -n 3 -d 64 -l 1e-3 -o %s/run_b_%s -y 1",
+                 base, modes[mi], dir, dir, dir, modes[mi]);
+        int rc3 = run_cmd(cmd, err, sizeof err);
+        snprintf(a, sizeof a, "%s/run_a_%s/model_00000006.bin", dir, modes[mi]);
+        snprintf(b, sizeof b, "%s/run_b_%s/model_00000006.bin", dir, modes[mi]);
+        int same_model = files_equal(a, b);
+        snprintf(a, sizeof a, "%s/run_a_%s/state_00000006.bin", dir, modes[mi]);
+        snprintf(b, sizeof b, "%s/run_b_%s/state_00000006.bin", dir, modes[mi]);
+        int same_state = files_equal(a, b);
+        report(rc1 == 0 && rc2 == 0 && rc3 == 0 && same_model && same_state,
+               "resume %s (2 micro-batches per step): 3+3 steps give the same step-6 model and optimizer state, bit for bit", modes[mi]);
+    }
+    // the checkpoint resumes with -e too (a checkpoint as init)
+    snprintf(base_t, sizeof base_t, "%s -b 2 -t 16 -v 1 -s 0", trainer);
+    snprintf(cmd, sizeof cmd, "%s -e %s/run_a_mhc/model_00000006.bin -i '%s/ok_train_*' -j '%s/ok_val_*' -x 0 -g 8",
+             base_t, dir, dir, dir);
+    report(run_cmd(cmd, err, sizeof err) == 0, "a checkpoint loads as -e init and samples (-x 0)");
+
+    // bad input: one-line error, non-zero exit
+    snprintf(b, sizeof b, "-i '%s/ok_train_*' -j '%s/ok_val_*' -x 1", dir, dir);
+    snprintf(cmd, sizeof cmd, "%s %s -H nope", base, b); expect_error("unknown mode", cmd, "unknown mode");
+    snprintf(cmd, sizeof cmd, "%s %s -E 9 -H mhc", base, b); expect_error("n out of range", cmd, "out of range");
+    snprintf(cmd, sizeof cmd, "%s %s -E 4", base, b); expect_error("n > 1 with residual", cmd, "residual mode");
+    snprintf(cmd, sizeof cmd, "%s %s -b 0", base, b); expect_error("batch size 0", cmd, "out of range");
+    snprintf(cmd, sizeof cmd, "%s %s -l abc", base, b); expect_error("non-numeric lr", cmd, "wants a number");
+    snprintf(cmd, sizeof cmd, "%s %s -Q 1", base, b); expect_error("unknown flag", cmd, "unknown flag");
+    snprintf(cmd, sizeof cmd, "%s %s -x", base, b); expect_error("missing value", cmd, "needs a value");
+    snprintf(cmd, sizeof cmd, "%s %s -d 100", base, b); expect_error("total batch not a multiple", cmd, "not a multiple");
+    snprintf(base_t, sizeof base_t, "%s -e d1 -b 1 -t 2048 -v 0 -s 0", trainer);
+    snprintf(cmd, sizeof cmd, "%s %s", base_t, b); expect_error("T > max_seq_len", cmd, "max_seq_len");
+    snprintf(cmd, sizeof cmd, "%s -i '%s/none_*' -j '%s/ok_val_*'", base, dir, dir); expect_error("no shards", cmd, "no data shards");
+    snprintf(cmd, sizeof cmd, "%s %s -y 1", base, b); expect_error("resume without -o", cmd, "needs -o");
+    snprintf(a, sizeof a, "%s/magic_train_000000.bin", dir); write_shard(a, 12345, 4000, 4000, 0);
+    snprintf(cmd, sizeof cmd, "%s -i '%s' -j '%s/ok_val_*' -x 1", base, a, dir); expect_error("shard bad magic", cmd, "bad magic");
+    snprintf(a, sizeof a, "%s/trunc_train_000000.bin", dir); write_shard(a, 20240520, 3000, 4000, 0);
+    snprintf(cmd, sizeof cmd, "%s -i '%s' -j '%s/ok_val_*' -x 1", base, a, dir); expect_error("shard truncated", cmd, "truncated");
+    snprintf(a, sizeof a, "%s/tok_train_000000.bin", dir); write_shard(a, 20240520, 4000, 4000, 1);
+    snprintf(cmd, sizeof cmd, "%s -i '%s' -j '%s/ok_val_*' -x 1", base, a, dir); expect_error("token id >= V", cmd, ">= the model's vocab size");
+    snprintf(a, sizeof a, "%s/small_train_000000.bin", dir); write_shard(a, 20240520, 20, 20, 0);
+    snprintf(cmd, sizeof cmd, "%s -i '%s' -j '%s/ok_val_*' -x 1", base, a, dir); expect_error("shard smaller than a batch", cmd, "fewer than one batch");
+    // checkpoints: n mismatch, mode mismatch, truncated, not a checkpoint
+    snprintf(a, sizeof a, "%s/run_a_mhc/model_00000006.bin", dir);
+    snprintf(cmd, sizeof cmd, "%s %s -e %s -E 2", base, b, a); expect_error("n differs from checkpoint", cmd, "n = 4 streams");
+    snprintf(cmd, sizeof cmd, "%s %s -e %s -H dhc", base, b, a); expect_error("mode differs from checkpoint", cmd, "holds a mhc model");
+    snprintf(cmd, sizeof cmd, "head -c 5000 %s > %s/trunc_model.bin", a, dir);
+    if (system(cmd) != 0) report(0, "head failed");
+    snprintf(cmd, sizeof cmd, "%s %s -e %s/trunc_model.bin", base, b, dir); expect_error("truncated checkpoint", cmd, "truncated");
+    snprintf(cmd, sizeof cmd, "%s %s -e %s/ok_val_000000.bin", base, b, dir); expect_error("shard given as checkpoint", cmd, "bad magic");
+    snprintf(cmd, sizeof cmd, "%s %s -e %s/nonexistent.bin", base, b, dir); expect_error("missing checkpoint", cmd, "cannot open");
+    snprintf(cmd, sizeof cmd, "%s %s -e d99", base, b); expect_error("depth out of range", cmd, "out of range");
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    if (system(cmd) != 0) report(0, "cleanup failed");
+}
+
+int main(int argc, char **argv) {
+    const char *names[] = {"residual", "shc4", "dhc4", "mhc4", "mhc2"};
+    int only_ref = argc > 1 && strcmp(argv[1], "--ref-only") == 0;
+    test_sinkhorn();
+    for (int i = 0; i < 5; i++) test_reference(names[i]);
+    if (!only_ref) test_cli();
+    printf("%d passed, %d failed\n", g_pass, g_fail);
+    return g_fail == 0 ? 0 : 1;
+}
