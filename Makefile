@@ -38,7 +38,7 @@ test: test-data test-c
 test-data: data
 	$(PYTHON) scripts/test_data.py
 
-test-c: test_gpt_hc
+test-c: train_gpt_hc test_gpt_hc
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} ./test_gpt_hc
 
 # the C tests once more with AddressSanitizer + UndefinedBehaviorSanitizer (trainer included)
