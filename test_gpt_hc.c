@@ -318,6 +318,20 @@ static int files_equal(const char *a, const char *b) {
     return eq;
 }
 
+// copy src to dst with header word `index` set to value (to make corrupt files)
+static void copy_with_int(const char *src, const char *dst, int index, int value) {
+    FILE *fp = fopenCheck(src, "rb");
+    long size = file_size_of(fp);
+    char *buf = (char *)mallocCheck(size);
+    freadCheck(buf, 1, size, fp, src);
+    fclose(fp);
+    memcpy(buf + 4 * index, &value, 4);
+    fp = fopenCheck(dst, "wb");
+    fwriteCheck(buf, 1, size, fp, dst);
+    fclose(fp);
+    free(buf);
+}
+
 static void test_cli(void) {
     // the trainer binary under test (make test-asan points this at the sanitized build)
     const char *trainer = getenv("GPT_HC_TRAINER") ? getenv("GPT_HC_TRAINER") : "./train_gpt_hc";
@@ -390,6 +404,26 @@ static void test_cli(void) {
     snprintf(cmd, sizeof cmd, "%s %s -e %s/ok_val_000000.bin", base, b, dir); expect_error("shard given as checkpoint", cmd, "bad magic");
     snprintf(cmd, sizeof cmd, "%s %s -e %s/nonexistent.bin", base, b, dir); expect_error("missing checkpoint", cmd, "cannot open");
     snprintf(cmd, sizeof cmd, "%s %s -e d99", base, b); expect_error("depth out of range", cmd, "out of range");
+    char bad[4096];
+    snprintf(bad, sizeof bad, "%s/bad_version.bin", dir); copy_with_int(a, bad, 1, 9);
+    snprintf(cmd, sizeof cmd, "%s %s -e %s", base, b, bad); expect_error("checkpoint version", cmd, "unsupported checkpoint version");
+    snprintf(bad, sizeof bad, "%s/bad_heads.bin", dir); copy_with_int(a, bad, 5, 3);
+    snprintf(cmd, sizeof cmd, "%s %s -e %s", base, b, bad); expect_error("impossible config (C % NH)", cmd, "impossible config");
+    snprintf(bad, sizeof bad, "%s/bad_mode.bin", dir); copy_with_int(a, bad, 8, 7);
+    snprintf(cmd, sizeof cmd, "%s %s -e %s", base, b, bad); expect_error("unknown mode id", cmd, "unknown residual mode");
+    snprintf(bad, sizeof bad, "%s/bad_count.bin", dir); copy_with_int(a, bad, 12, 12345);
+    snprintf(cmd, sizeof cmd, "%s %s -e %s", base, b, bad); expect_error("parameter count", cmd, "parameters, the config implies");
+    // a resume whose optimizer state is corrupt
+    snprintf(cmd, sizeof cmd, "mkdir -p %s/run_c && cp %s/run_a_mhc/*_00000003* %s/run_c/", dir, dir, dir);
+    if (system(cmd) != 0) report(0, "cp failed");
+    snprintf(a, sizeof a, "%s/run_a_mhc/state_00000003.bin", dir);
+    snprintf(bad, sizeof bad, "%s/run_c/state_00000003.bin", dir); copy_with_int(a, bad, 0, 42);
+    snprintf(cmd, sizeof cmd, "%s -H mhc -i '%s/ok_train_*' -j '%s/ok_val_*' -x 6 -o %s/run_c -y 1", base, dir, dir, dir);
+    expect_error("optimizer state with bad magic", cmd, "not a gpt_hc optimizer state");
+    snprintf(cmd, sizeof cmd, "head -c 3000 %s > %s", a, bad);
+    if (system(cmd) != 0) report(0, "head failed");
+    snprintf(cmd, sizeof cmd, "%s -H mhc -i '%s/ok_train_*' -j '%s/ok_val_*' -x 6 -o %s/run_c -y 1", base, dir, dir, dir);
+    expect_error("truncated optimizer state", cmd, "truncated");
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     if (system(cmd) != 0) report(0, "cleanup failed");
 }

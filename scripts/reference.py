@@ -303,4 +303,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, formats.FormatError) as e:   # unwritable output, full disk, ...
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

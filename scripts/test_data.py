@@ -110,6 +110,8 @@ def test_bad_inputs():
     assert r.returncode != 0 and "invalid choice" in r.stderr, r.stderr
     r = run([py, os.path.join(HERE, "tokenizer.py"), "--decode", "99999"])
     assert r.returncode == 1 and r.stderr.startswith("error: token ids out of range"), r.stderr
+    r = run([py, os.path.join(HERE, "prepare_data.py"), "tiny", "--out", "/proc/not-writable"])
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
     r = run([py, os.path.join(HERE, "tokenizer.py")])
     assert r.returncode == 2 and "nothing to do" in r.stderr, r.stderr
     # a missing registry client gives a one-line error, not a traceback

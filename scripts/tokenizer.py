@@ -183,4 +183,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OSError as e:   # unwritable output folder, full disk, unreadable cache, ...
+        die(str(e))
