@@ -136,6 +136,21 @@ static void test_reference(const char *name) {
         report(worst < 1e-5, "%-8s coefficients (pre, post, res) of %d sublayers: max abs err %.2e", name, K, worst);
     }
 
+    // diagnostics: mhc's Hres is row-stochastic, so single and composite forward gains are 1;
+    // shc/dhc start at A_r = I (dhc's dynamic part is 0.01 tanh(.), so only near 1)
+    {
+        double *gn = (double *)mallocCheck(4 * (size_t)K * sizeof(double)), worst = 0.0;
+        gpt_gains(&model, BT, gn, gn + K, gn + 2 * K, gn + 3 * K);
+        int rows_only = c->mode == MODE_MHC;
+        for (int k = 0; k < K; k++)
+            for (int q = 0; q < 4; q++)
+                if (!rows_only || q == 0 || q == 2) worst = fmax(worst, fabs(gn[q * K + k] - 1.0));
+        double tol = c->mode == MODE_DHC ? 0.1 : 1e-5;
+        report(worst < tol, "%-8s gains at init: max |gain - 1| = %.2e (%s)", name, worst,
+               rows_only ? "forward gains" : "all four");
+        free(gn);
+    }
+
     // backward: every parameter tensor
     gpt_zero_grad(&model);
     gpt_backward(&model, 1.0f);
