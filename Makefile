@@ -1,7 +1,9 @@
 # gpt_hc: GPT-2 with Hyper-Connections (residual | shc | dhc | mhc), llm.c style.
 #   make train      prepare the tiny data if missing, train a small model on the CPU
 #   make test       tokenizer/data tests + CPU trainer tests against the PyTorch dumps
-#   make            build the CPU trainer and its test (and the CUDA trainer if nvcc exists)
+#   make            build the CPU trainer and its test
+#   make cuda-build build the CUDA trainer (PRECISION=BF16 default, or FP32) and its tests
+#   make test-cuda  on a GPU machine: CUDA tests in FP32 and BF16, CPU vs CUDA, CLI tests
 CC ?= gcc
 CFLAGS ?= -O3 -march=native -Wall -Wextra -Wno-unused-function -Wno-unused-parameter -Wno-format-truncation
 OMPFLAGS ?= -fopenmp -DOMP
@@ -9,7 +11,7 @@ LDLIBS = -lm
 PYTHON ?= python3
 SHELL := /bin/bash
 
-.PHONY: all train test test-data test-c test-asan data data-small data-large ref bench-cpu clean
+.PHONY: all train test test-data test-c test-asan cuda-build test-cuda bench-cuda data data-small data-large ref bench-cpu clean
 
 all: train_gpt_hc test_gpt_hc
 
@@ -18,6 +20,35 @@ train_gpt_hc: train_gpt_hc.c llmc/*.h
 
 test_gpt_hc: test_gpt_hc.c train_gpt_hc.c llmc/*.h
 	$(CC) $(CFLAGS) $(OMPFLAGS) $< $(LDLIBS) -o $@
+
+# CUDA: Hopper (sm_90); cuDNN headers live under /usr/include/x86_64-linux-gnu on these machines
+NVCC ?= nvcc
+PRECISION ?= BF16
+NVCCFLAGS ?= -O3 -std=c++17 -gencode arch=compute_90,code=sm_90 -I/usr/include/x86_64-linux-gnu
+NVLIBS = -lcublas
+ifeq ($(PRECISION),FP32)
+PRECFLAG = -DENABLE_FP32
+else ifeq ($(PRECISION),BF16)
+PRECFLAG =
+else
+$(error PRECISION must be FP32 or BF16)
+endif
+
+train_gpt_hcu: train_gpt_hc.cu llmc/*.h
+	$(NVCC) $(NVCCFLAGS) $(PRECFLAG) $< $(NVLIBS) -o $@
+train_gpt_hcu_fp32: train_gpt_hc.cu llmc/*.h
+	$(NVCC) $(NVCCFLAGS) -DENABLE_FP32 $< $(NVLIBS) -o $@
+test_gpt_hcu: test_gpt_hcu.cu train_gpt_hc.cu llmc/*.h
+	$(NVCC) $(NVCCFLAGS) $< $(NVLIBS) -o $@
+test_gpt_hcu_fp32: test_gpt_hcu.cu train_gpt_hc.cu llmc/*.h
+	$(NVCC) $(NVCCFLAGS) -DENABLE_FP32 $< $(NVLIBS) -o $@
+
+cuda-build: train_gpt_hcu train_gpt_hcu_fp32 test_gpt_hcu test_gpt_hcu_fp32
+
+test-cuda: cuda-build train_gpt_hc test_gpt_hc
+	./test_gpt_hcu_fp32
+	./test_gpt_hcu
+	GPT_HC_TRAINER=./train_gpt_hcu ./test_gpt_hc --cli-only
 
 data: data/tiny/manifest.json data/gpt2_tokenizer.bin
 data/tiny/manifest.json data/gpt2_tokenizer.bin:
@@ -49,11 +80,11 @@ test-asan: train_gpt_hc.c test_gpt_hc.c llmc/*.h
 	GPT_HC_TRAINER=./train_gpt_hc_asan OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} ./test_gpt_hc_asan
 
 bench-cpu: train_gpt_hc data
-	$(PYTHON) scripts/bench_cpu.py
+	$(PYTHON) dev/bench_cpu.py
 
 # regenerate the committed reference dumps (needs PyTorch)
 ref:
 	$(PYTHON) scripts/reference.py
 
 clean:
-	rm -f train_gpt_hc test_gpt_hc train_gpt_hc_asan test_gpt_hc_asan train_gpt_hcu test_gpt_hcu *.o
+	rm -f train_gpt_hc test_gpt_hc train_gpt_hc_asan test_gpt_hc_asan train_gpt_hcu test_gpt_hcu train_gpt_hcu_fp32 test_gpt_hcu_fp32 *.o

@@ -2,8 +2,8 @@
 CPU trainer throughput per residual mode (a benchmark, not a test): runs ./train_gpt_hc for a
 few steps on the tiny data and reads its 'average step' line (the first step is not timed).
 
-    python3 scripts/bench_cpu.py                    # d6 and d2, all modes, B=4 T=64
-    python3 scripts/bench_cpu.py --depths 6 --steps 20 --threads 2
+    python3 dev/bench_cpu.py                    # d6 and d2, all modes, B=4 T=64
+    python3 dev/bench_cpu.py --depths 6 --steps 20 --threads 2
 """
 import argparse
 import os
@@ -11,7 +11,7 @@ import re
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # dev/.. = the repository
 MODES = [("residual", 1), ("shc", 4), ("dhc", 4), ("mhc", 4), ("mhc", 2)]
 
 

@@ -1,0 +1,1376 @@
+/*
+gpt_hc CUDA trainer: the model of train_gpt_hc.c (../shared/SPEC.md) on one GPU, with the same
+command line, checkpoints and logs (llmc/train_main.h drives both).
+  make train_gpt_hcu                    # PRECISION=BF16 (default): bf16 activations and weight
+                                        # copies, fp32 master weights, grads, AdamW state
+  make train_gpt_hcu PRECISION=FP32     # everything fp32 (the tests compare it to PyTorch)
+HC/mHC coefficients, LayerNorm statistics, Sinkhorn-Knopp and every reduction run in fp32.
+Every reduction is done in a fixed order without atomics, so runs are deterministic.
+
+This is the correctness-first version: matmuls through cuBLAS (bias added by a kernel),
+attention as cuBLAS batched matmuls around a masked softmax (llm.c's non-cuDNN path), and one
+thread block per token for the HC mixing and coefficient kernels.
+*/
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include "llmc/utils.h"
+#include "llmc/gpt_hc_formats.h"
+#include "llmc/dataloader.h"
+#include "llmc/tokenizer.h"
+#include "llmc/rand.h"
+#include "llmc/model_common.h"
+
+// ----------------------------------------------------------------------------
+// precision and error checking
+
+#if defined(ENABLE_FP32)
+typedef float floatX;
+#define CUBLAS_X CUDA_R_32F
+#define PRECISION_NAME "fp32"
+#else
+typedef __nv_bfloat16 floatX;
+#define CUBLAS_X CUDA_R_16BF
+#define PRECISION_NAME "bf16"
+#endif
+
+static void cuda_check(cudaError_t e, const char *file, int line) {
+    if (e != cudaSuccess) {
+        if (e == cudaErrorMemoryAllocation) die("out of GPU memory [%s:%d] (try a smaller -b or -t)", file, line);
+        die("CUDA: %s [%s:%d]", cudaGetErrorString(e), file, line);
+    }
+}
+#define cudaCheck(x) cuda_check((x), __FILE__, __LINE__)
+#define kernelCheck() cuda_check(cudaGetLastError(), __FILE__, __LINE__)
+
+static void cublas_check(cublasStatus_t s, const char *file, int line) {
+    if (s != CUBLAS_STATUS_SUCCESS) die("cuBLAS error %d [%s:%d]", (int)s, file, line);
+}
+#define cublasCheck(x) cublas_check((x), __FILE__, __LINE__)
+
+static cublasHandle_t g_cublas;
+static int g_sms = 1;
+
+__device__ __forceinline__ float tof(floatX x) { return (float)x; }
+__device__ __forceinline__ floatX tox(float x) { return (floatX)x; }
+
+static inline unsigned ceil_div(size_t a, size_t b) { return (unsigned)((a + b - 1) / b); }
+
+// block-wide sum of one value per thread (blockDim.x a multiple of 32, at most 1024)
+__device__ float block_sum(float v) {
+    __shared__ float sh[32];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    __syncthreads();
+    if (l == 0) sh[w] = v;
+    __syncthreads();
+    float s = 0.0f;
+    for (int i = 0; i < (int)blockDim.x / 32; i++) s += sh[i];
+    return s;
+}
+
+// ----------------------------------------------------------------------------
+// scratch device memory (grown on demand)
+
+static void *g_dscratch[4];
+static size_t g_dscratch_size[4];
+static void *dscratch(int slot, size_t bytes) {
+    if (g_dscratch_size[slot] < bytes) {
+        if (g_dscratch[slot]) cudaCheck(cudaFree(g_dscratch[slot]));
+        cudaCheck(cudaMalloc(&g_dscratch[slot], bytes));
+        g_dscratch_size[slot] = bytes;
+    }
+    return g_dscratch[slot];
+}
+
+// ----------------------------------------------------------------------------
+// column sums in a fixed order: out[c] += sum_r f(r, c), rows split into chunks, each chunk's
+// partial written by one thread, then the chunks summed in order
+
+#define COLSUM_CHUNKS 64
+
+template <typename T>
+__global__ void colsum_partial_kernel(float *partial, const T *x, int R, int Ccols, int chunk) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x, ch = blockIdx.y;
+    if (c >= Ccols) return;
+    float s = 0.0f;
+    int r1 = min(R, (ch + 1) * chunk);
+    for (int r = ch * chunk; r < r1; r++) s += (float)x[(size_t)r * Ccols + c];
+    partial[(size_t)ch * Ccols + c] = s;
+}
+
+__global__ void colsum_finish_kernel(float *out, const float *partial, int Ccols, int nchunks) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= Ccols) return;
+    float s = 0.0f;
+    for (int ch = 0; ch < nchunks; ch++) s += partial[(size_t)ch * Ccols + c];
+    out[c] += s;
+}
+
+template <typename T>
+static void colsum(float *out, const T *x, int R, int Ccols) {
+    int chunk = (R + COLSUM_CHUNKS - 1) / COLSUM_CHUNKS;
+    float *partial = (float *)dscratch(3, (size_t)COLSUM_CHUNKS * Ccols * sizeof(float));
+    colsum_partial_kernel<<<dim3(ceil_div(Ccols, 256), COLSUM_CHUNKS), 256>>>(partial, x, R, Ccols, chunk);
+    kernelCheck();
+    colsum_finish_kernel<<<ceil_div(Ccols, 256), 256>>>(out, partial, Ccols, COLSUM_CHUNKS);
+    kernelCheck();
+}
+
+// ----------------------------------------------------------------------------
+// base transformer kernels
+
+// H^0_i = wte[tok] + wpe[t] for every stream i
+__global__ void encoder_forward_kernel(floatX *H, const int *inp, const floatX *wte, const floatX *wpe, int BT, int T, int C, int n) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)BT * C) return;
+    int bt = idx / C, c = idx % C, t = bt % T;
+    floatX v = tox(tof(wte[(size_t)inp[bt] * C + c]) + tof(wpe[(size_t)t * C + c]));
+    for (int i = 0; i < n; i++) H[((size_t)bt * n + i) * C + c] = v;
+}
+
+// dwte[tok] += sum_i dH^0_i and dwpe[t] += ...: one thread per channel walks the tokens in
+// order (tokens repeat, so no two threads may own the same row)
+__global__ void encoder_backward_kernel(float *dwte, float *dwpe, const floatX *dH, const int *inp, int BT, int T, int C, int n) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    for (int bt = 0; bt < BT; bt++) {
+        float s = 0.0f;
+        for (int i = 0; i < n; i++) s += tof(dH[((size_t)bt * n + i) * C + c]);
+        dwte[(size_t)inp[bt] * C + c] += s;
+    }
+    for (int t = 0; t < T; t++) {
+        float s = 0.0f;
+        for (int bt = t; bt < BT; bt += T)
+            for (int i = 0; i < n; i++) s += tof(dH[((size_t)bt * n + i) * C + c]);
+        dwpe[(size_t)t * C + c] += s;
+    }
+}
+
+// one block per row
+__global__ void layernorm_forward_kernel(floatX *out, float *mean, float *rstd, const floatX *inp, const floatX *w, const floatX *b, int C) {
+    int r = blockIdx.x;
+    const floatX *x = inp + (size_t)r * C;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) s += tof(x[i]);
+    float m = block_sum(s) / C;
+    float v = 0.0f;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) { float d = tof(x[i]) - m; v += d * d; }
+    float rs = rsqrtf(block_sum(v) / C + 1e-5f);
+    for (int i = threadIdx.x; i < C; i += blockDim.x) out[(size_t)r * C + i] = tox((tof(x[i]) - m) * rs * tof(w[i]) + tof(b[i]));
+    if (threadIdx.x == 0) { mean[r] = m; rstd[r] = rs; }
+}
+
+// dinp += ...; also writes xhat*dout into scratch for the weight gradient
+__global__ void layernorm_backward_kernel(floatX *dinp, float *dw_rows, const floatX *dout, const floatX *inp,
+                                          const floatX *w, const float *mean, const float *rstd, int C) {
+    int r = blockIdx.x;
+    const floatX *d = dout + (size_t)r * C, *x = inp + (size_t)r * C;
+    float m = mean[r], s = rstd[r], a = 0.0f, bsum = 0.0f;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        float dn = tof(w[i]) * tof(d[i]);
+        a += dn;
+        bsum += dn * (tof(x[i]) - m) * s;
+    }
+    float dn_mean = block_sum(a) / C, dn_xhat = block_sum(bsum) / C;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        float xhat = (tof(x[i]) - m) * s;
+        size_t q = (size_t)r * C + i;
+        dinp[q] = tox(tof(dinp[q]) + s * (tof(w[i]) * tof(d[i]) - dn_mean - xhat * dn_xhat));
+        dw_rows[q] = tof(d[i]) * xhat;
+    }
+}
+
+__global__ void add_bias_kernel(floatX *out, const floatX *bias, size_t N, int OC) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < N) out[i] = tox(tof(out[i]) + tof(bias[i % OC]));
+}
+
+#define GELU_SCALING_FACTOR 0.7978845608028654f
+__global__ void gelu_forward_kernel(floatX *out, const floatX *inp, size_t N) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < N) {
+        float x = tof(inp[i]);
+        out[i] = tox(0.5f * x * (1.0f + tanhf(GELU_SCALING_FACTOR * (x + 0.044715f * x * x * x))));
+    }
+}
+
+__global__ void gelu_backward_kernel(floatX *dinp, const floatX *inp, const floatX *dout, size_t N) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < N) {
+        float x = tof(inp[i]);
+        float th = tanhf(GELU_SCALING_FACTOR * (x + 0.044715f * x * x * x));
+        float g = 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * GELU_SCALING_FACTOR * (1.0f + 3.0f * 0.044715f * x * x);
+        dinp[i] = tox(g * tof(dout[i]));
+    }
+}
+
+__global__ void add_kernel(floatX *out, const floatX *a, const floatX *b, size_t N) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < N) out[i] = tox(tof(a[i]) + tof(b[i]));
+}
+
+// (B,T,3C) -> q, k, v each (B,NH,T,hs)
+__global__ void permute_kernel(floatX *q, floatX *k, floatX *v, const floatX *qkv, int B, int T, int NH, int hs) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)B * NH * T * hs) return;
+    int d = idx % hs, t = (idx / hs) % T, h = (idx / ((size_t)hs * T)) % NH, b = idx / ((size_t)hs * T * NH);
+    size_t src = ((size_t)b * T + t) * 3 * NH * hs + h * hs + d, C = (size_t)NH * hs;
+    q[idx] = qkv[src];
+    k[idx] = qkv[src + C];
+    v[idx] = qkv[src + 2 * C];
+}
+
+__global__ void permute_backward_kernel(floatX *dqkv, const floatX *dq, const floatX *dk, const floatX *dv, int B, int T, int NH, int hs) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)B * NH * T * hs) return;
+    int d = idx % hs, t = (idx / hs) % T, h = (idx / ((size_t)hs * T)) % NH, b = idx / ((size_t)hs * T * NH);
+    size_t dst = ((size_t)b * T + t) * 3 * NH * hs + h * hs + d, C = (size_t)NH * hs;
+    dqkv[dst] = dq[idx];
+    dqkv[dst + C] = dk[idx];
+    dqkv[dst + 2 * C] = dv[idx];
+}
+
+// (B,NH,T,hs) -> (B,T,C)
+__global__ void unpermute_kernel(floatX *out, const floatX *y, int B, int T, int NH, int hs, int backward) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)B * NH * T * hs) return;
+    int d = idx % hs, t = (idx / hs) % T, h = (idx / ((size_t)hs * T)) % NH, b = idx / ((size_t)hs * T * NH);
+    size_t o = ((size_t)b * T + t) * NH * hs + h * hs + d;
+    if (backward) out[idx] = y[o];   // (B,T,C) -> (B,NH,T,hs)
+    else out[o] = y[idx];
+}
+
+// causal softmax of scale * preatt, one block per row (b, h, t)
+__global__ void softmax_forward_kernel(floatX *att, const floatX *preatt, int T, float scale) {
+    size_t row = blockIdx.x;
+    int t = row % T;
+    const floatX *p = preatt + row * T;
+    floatX *a = att + row * T;
+    float mx = -FLT_MAX;
+    for (int i = threadIdx.x; i <= t; i += blockDim.x) mx = fmaxf(mx, scale * tof(p[i]));
+    __shared__ float shm[32];
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+    if (threadIdx.x % 32 == 0) shm[threadIdx.x / 32] = mx;
+    __syncthreads();
+    mx = -FLT_MAX;
+    for (int i = 0; i < (int)blockDim.x / 32; i++) mx = fmaxf(mx, shm[i]);
+    float s = 0.0f;
+    for (int i = threadIdx.x; i <= t; i += blockDim.x) s += expf(scale * tof(p[i]) - mx);
+    s = block_sum(s);
+    for (int i = threadIdx.x; i < T; i += blockDim.x) a[i] = tox(i <= t ? expf(scale * tof(p[i]) - mx) / s : 0.0f);
+}
+
+// dpreatt = scale * att * (datt - sum(att * datt))
+__global__ void softmax_backward_kernel(floatX *dpreatt, const floatX *datt, const floatX *att, int T, float scale) {
+    size_t row = blockIdx.x;
+    int t = row % T;
+    const floatX *a = att + row * T, *d = datt + row * T;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i <= t; i += blockDim.x) s += tof(a[i]) * tof(d[i]);
+    s = block_sum(s);
+    for (int i = threadIdx.x; i < T; i += blockDim.x)
+        dpreatt[row * T + i] = tox(i <= t ? scale * tof(a[i]) * (tof(d[i]) - s) : 0.0f);
+}
+
+// loss and, if dlogits != NULL, (softmax - onehot) * dloss; one block per row, fp32 softmax
+__global__ void classifier_kernel(float *losses, floatX *dlogits, const floatX *logits, const int *targets,
+                                  float dloss, int V, int Vp) {
+    size_t r = blockIdx.x;
+    const floatX *l = logits + r * Vp;
+    __shared__ float shm[32];
+    float mx = -FLT_MAX;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, tof(l[i]));
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+    if (threadIdx.x % 32 == 0) shm[threadIdx.x / 32] = mx;
+    __syncthreads();
+    mx = -FLT_MAX;
+    for (int i = 0; i < (int)blockDim.x / 32; i++) mx = fmaxf(mx, shm[i]);
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) s += expf(tof(l[i]) - mx);
+    s = block_sum(s);
+    int tgt = targets[r];
+    if (threadIdx.x == 0) losses[r] = logf(s) + mx - tof(l[tgt]);
+    if (dlogits != NULL)
+        for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
+            float p = i < V ? expf(tof(l[i]) - mx) / s : 0.0f;
+            dlogits[r * Vp + i] = tox((p - (i == tgt ? 1.0f : 0.0f)) * dloss);
+        }
+}
+
+// ----------------------------------------------------------------------------
+// matmuls through cuBLAS (row-major tensors seen as column-major transposes)
+
+// out (BT, OC) = inp (BT, C) @ W (OC, C)^T + bias
+static void matmul_forward(floatX *out, const floatX *inp, const floatX *w, const floatX *bias, int BT, int C, int OC) {
+    const float one = 1.0f, zero = 0.0f;
+    cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_T, CUBLAS_OP_N, OC, BT, C, &one, w, CUBLAS_X, C, inp, CUBLAS_X, C,
+                             &zero, out, CUBLAS_X, OC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    if (bias != NULL) {
+        add_bias_kernel<<<ceil_div((size_t)BT * OC, 256), 256>>>(out, bias, (size_t)BT * OC, OC);
+        kernelCheck();
+    }
+}
+
+// dinp = dout @ W (overwritten); dW += dout^T @ inp (fp32); dbias += column sums of dout
+static void matmul_backward(floatX *dinp, float *dw, float *dbias, const floatX *dout, const floatX *inp, const floatX *w,
+                            int BT, int C, int OC) {
+    const float one = 1.0f, zero = 0.0f;
+    cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_N, C, BT, OC, &one, w, CUBLAS_X, C, dout, CUBLAS_X, OC,
+                             &zero, dinp, CUBLAS_X, C, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, BT, &one, inp, CUBLAS_X, C, dout, CUBLAS_X, OC,
+                             &one, dw, CUDA_R_32F, C, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    if (dbias != NULL) colsum(dbias, dout, BT, OC);
+}
+
+// attention: q k^T batched, masked softmax, att v batched; att kept for the backward
+static void attention_forward(floatX *out, floatX *att, const floatX *qkv, int B, int T, int C, int NH) {
+    int hs = C / NH;
+    size_t nqkv = (size_t)B * NH * T * hs, natt = (size_t)B * NH * T * T;
+    floatX *q = (floatX *)dscratch(0, 4 * nqkv * sizeof(floatX)), *k = q + nqkv, *v = k + nqkv, *y = v + nqkv;
+    floatX *preatt = (floatX *)dscratch(1, natt * sizeof(floatX));
+    permute_kernel<<<ceil_div(nqkv, 256), 256>>>(q, k, v, qkv, B, T, NH, hs);
+    kernelCheck();
+    const float one = 1.0f, zero = 0.0f;
+    cublasCheck(cublasGemmStridedBatchedEx(g_cublas, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, &one, k, CUBLAS_X, hs, (long long)T * hs,
+                                           q, CUBLAS_X, hs, (long long)T * hs, &zero, preatt, CUBLAS_X, T, (long long)T * T,
+                                           B * NH, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    softmax_forward_kernel<<<B * NH * T, 128>>>(att, preatt, T, 1.0f / sqrtf((float)hs));
+    kernelCheck();
+    cublasCheck(cublasGemmStridedBatchedEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, &one, v, CUBLAS_X, hs, (long long)T * hs,
+                                           att, CUBLAS_X, T, (long long)T * T, &zero, y, CUBLAS_X, hs, (long long)T * hs,
+                                           B * NH, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    unpermute_kernel<<<ceil_div(nqkv, 256), 256>>>(out, y, B, T, NH, hs, 0);
+    kernelCheck();
+}
+
+static void attention_backward(floatX *dqkv, const floatX *dout, const floatX *qkv, const floatX *att, int B, int T, int C, int NH) {
+    int hs = C / NH;
+    size_t nqkv = (size_t)B * NH * T * hs, natt = (size_t)B * NH * T * T;
+    floatX *q = (floatX *)dscratch(0, 4 * nqkv * sizeof(floatX)), *k = q + nqkv, *v = k + nqkv, *dy = v + nqkv;
+    floatX *buf = (floatX *)dscratch(1, 2 * natt * sizeof(floatX)), *datt = buf, *dpre = buf + natt;
+    floatX *dq = (floatX *)dscratch(2, 3 * nqkv * sizeof(floatX)), *dk = dq + nqkv, *dv = dk + nqkv;
+    permute_kernel<<<ceil_div(nqkv, 256), 256>>>(q, k, v, qkv, B, T, NH, hs);
+    unpermute_kernel<<<ceil_div(nqkv, 256), 256>>>(dy, dout, B, T, NH, hs, 1);
+    kernelCheck();
+    const float one = 1.0f, zero = 0.0f;
+    // datt = dy v^T ; dv = att^T dy
+    cublasCheck(cublasGemmStridedBatchedEx(g_cublas, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, &one, v, CUBLAS_X, hs, (long long)T * hs,
+                                           dy, CUBLAS_X, hs, (long long)T * hs, &zero, datt, CUBLAS_X, T, (long long)T * T,
+                                           B * NH, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    cublasCheck(cublasGemmStridedBatchedEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, &one, dy, CUBLAS_X, hs, (long long)T * hs,
+                                           att, CUBLAS_X, T, (long long)T * T, &zero, dv, CUBLAS_X, hs, (long long)T * hs,
+                                           B * NH, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    softmax_backward_kernel<<<B * NH * T, 128>>>(dpre, datt, att, T, 1.0f / sqrtf((float)hs));
+    kernelCheck();
+    // dq = dpre k ; dk = dpre^T q
+    cublasCheck(cublasGemmStridedBatchedEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, &one, k, CUBLAS_X, hs, (long long)T * hs,
+                                           dpre, CUBLAS_X, T, (long long)T * T, &zero, dq, CUBLAS_X, hs, (long long)T * hs,
+                                           B * NH, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    cublasCheck(cublasGemmStridedBatchedEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, &one, q, CUBLAS_X, hs, (long long)T * hs,
+                                           dpre, CUBLAS_X, T, (long long)T * T, &zero, dk, CUBLAS_X, hs, (long long)T * hs,
+                                           B * NH, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    permute_backward_kernel<<<ceil_div(nqkv, 256), 256>>>(dqkv, dq, dk, dv, B, T, NH, hs);
+    kernelCheck();
+}
+
+// ----------------------------------------------------------------------------
+// Hyper-Connection mixing (one block per token), as hc_premix/hc_postmix in train_gpt_hc.c
+
+__global__ void hc_premix_forward_kernel(floatX *u, const floatX *H, const float *pre, int n, int C) {
+    int bt = blockIdx.x;
+    const floatX *h = H + (size_t)bt * n * C;
+    const float *p = pre + (size_t)bt * n;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float s = 0.0f;
+        for (int i = 0; i < n; i++) s += p[i] * tof(h[(size_t)i * C + c]);
+        u[(size_t)bt * C + c] = tox(s);
+    }
+}
+
+// dH += pre (x) du; dpre[i] = du . H_i
+__global__ void hc_premix_backward_kernel(floatX *dH, float *dpre, const floatX *du, const floatX *H, const float *pre, int n, int C) {
+    int bt = blockIdx.x;
+    const floatX *h = H + (size_t)bt * n * C, *d = du + (size_t)bt * C;
+    floatX *dh = dH + (size_t)bt * n * C;
+    for (int i = 0; i < n; i++) {
+        float p = pre[(size_t)bt * n + i], s = 0.0f;
+        for (int c = threadIdx.x; c < C; c += blockDim.x) {
+            float dv = tof(d[c]);
+            s += dv * tof(h[(size_t)i * C + c]);
+            dh[(size_t)i * C + c] = tox(tof(dh[(size_t)i * C + c]) + p * dv);
+        }
+        s = block_sum(s);
+        if (threadIdx.x == 0) dpre[(size_t)bt * n + i] = s;
+    }
+}
+
+__global__ void hc_postmix_forward_kernel(floatX *Hout, const floatX *H, const floatX *y, const float *post, const float *res, int n, int C) {
+    int bt = blockIdx.x;
+    const floatX *h = H + (size_t)bt * n * C;
+    const float *r = res + (size_t)bt * n * n, *p = post + (size_t)bt * n;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float yv = tof(y[(size_t)bt * C + c]), hv[MAX_STREAMS];
+        for (int j = 0; j < n; j++) hv[j] = tof(h[(size_t)j * C + c]);
+        for (int i = 0; i < n; i++) {
+            float s = p[i] * yv;
+            for (int j = 0; j < n; j++) s += r[i * n + j] * hv[j];
+            Hout[((size_t)bt * n + i) * C + c] = tox(s);
+        }
+    }
+}
+
+// dH_j += sum_i res[i][j] dH'_i; dy = sum_i post[i] dH'_i (overwritten); dpost, dres written
+__global__ void hc_postmix_backward_kernel(floatX *dH, floatX *dy, float *dpost, float *dres, const floatX *dHout, const floatX *H,
+                                           const floatX *y, const float *post, const float *res, int n, int C) {
+    int bt = blockIdx.x;
+    const floatX *h = H + (size_t)bt * n * C, *d = dHout + (size_t)bt * n * C;
+    const float *r = res + (size_t)bt * n * n, *p = post + (size_t)bt * n;
+    float acc[MAX_STREAMS + MAX_STREAMS * MAX_STREAMS];
+    for (int q = 0; q < n + n * n; q++) acc[q] = 0.0f;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float yv = tof(y[(size_t)bt * C + c]), dv[MAX_STREAMS], hv[MAX_STREAMS], dyv = 0.0f;
+        for (int i = 0; i < n; i++) { dv[i] = tof(d[(size_t)i * C + c]); hv[i] = tof(h[(size_t)i * C + c]); }
+        for (int i = 0; i < n; i++) {
+            acc[i] += dv[i] * yv;
+            dyv += p[i] * dv[i];
+            for (int j = 0; j < n; j++) acc[n + i * n + j] += dv[i] * hv[j];
+        }
+        for (int j = 0; j < n; j++) {
+            float s = 0.0f;
+            for (int i = 0; i < n; i++) s += r[i * n + j] * dv[i];
+            size_t q = ((size_t)bt * n + j) * C + c;
+            dH[q] = tox(tof(dH[q]) + s);
+        }
+        dy[(size_t)bt * C + c] = tox(dyv);
+    }
+    for (int q = 0; q < n + n * n; q++) {
+        float s = block_sum(acc[q]);
+        if (threadIdx.x == 0) {
+            if (q < n) dpost[(size_t)bt * n + q] = s;
+            else dres[(size_t)bt * n * n + (q - n)] = s;
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// coefficients. shc: static (SPEC 2.2), res[j][i] = A[i][1+j]
+
+__global__ void shc_coeffs_forward_kernel(float *pre, float *post, float *res, const float *A, const float *b, int BT, int n) {
+    int bt = blockIdx.x * blockDim.x + threadIdx.x;
+    if (bt >= BT) return;
+    for (int i = 0; i < n; i++) {
+        pre[(size_t)bt * n + i] = A[i * (n + 1)];
+        post[(size_t)bt * n + i] = b[i];
+        for (int j = 0; j < n; j++) res[(size_t)bt * n * n + j * n + i] = A[i * (n + 1) + 1 + j];
+    }
+}
+
+// per-token rows of the static-parameter gradients, summed over tokens by colsum:
+// [dA (n x (n+1)) | db (n) | dsa | dsb] (the last two used by dhc)
+__global__ void hc_small_grads_kernel(float *rows, const float *dpre, const float *dpost, const float *dres,
+                                      const float *ta, const float *tb, int BT, int n) {
+    int bt = blockIdx.x * blockDim.x + threadIdx.x;
+    if (bt >= BT) return;
+    int n1 = n + 1, w = n * n1 + n + 2;
+    float *row = rows + (size_t)bt * w, dsa = 0.0f, dsb = 0.0f;
+    for (int i = 0; i < n; i++) {
+        for (int q = 0; q < n1; q++) {
+            float dAt = q == 0 ? dpre[(size_t)bt * n + i] : dres[(size_t)bt * n * n + (q - 1) * n + i];
+            row[i * n1 + q] = dAt;
+            if (ta) dsa += dAt * ta[((size_t)bt * n + i) * n1 + q];
+        }
+        float dbt = dpost[(size_t)bt * n + i];
+        row[n * n1 + i] = dbt;
+        if (tb) dsb += dbt * tb[(size_t)bt * n + i];
+    }
+    row[n * n1 + n] = dsa;
+    row[n * n1 + n + 1] = dsb;
+}
+
+__global__ void hc_small_grads_scatter_kernel(float *dA, float *db, float *dsa, float *dsb, const float *sums, int n) {
+    int n1 = n + 1;
+    for (int q = threadIdx.x; q < n * n1 + n + 2; q += blockDim.x) {
+        if (q < n * n1) dA[q] += sums[q];
+        else if (q < n * n1 + n) db[q - n * n1] += sums[q];
+        else if (q == n * n1 + n) { if (dsa) dsa[0] += sums[q]; }
+        else if (dsb) dsb[0] += sums[q];
+    }
+}
+
+// dhc (SPEC 2.2): one block per (token, stream)
+__global__ void dhc_coeffs_forward_kernel(float *pre, float *post, float *res, float *mean, float *rstd, float *ta, float *tb,
+                                          const floatX *H, const float *A, const float *b, const float *lnw, const float *lnb,
+                                          const float *Wa, const float *Wb, const float *sa, const float *sb, int n, int C) {
+    int r = blockIdx.x, bt = r / n, i = r % n, n1 = n + 1;
+    const floatX *x = H + (size_t)r * C;
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) s += tof(x[c]);
+    float m = block_sum(s) / C, v = 0.0f;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) { float d = tof(x[c]) - m; v += d * d; }
+    float rs = rsqrtf(block_sum(v) / C + 1e-5f);
+    float da[MAX_STREAMS + 2];
+    for (int q = 0; q <= n1; q++) da[q] = 0.0f;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float nv = (tof(x[c]) - m) * rs * lnw[c] + lnb[c];
+        for (int q = 0; q < n1; q++) da[q] += nv * Wa[c * n1 + q];
+        da[n1] += nv * Wb[c];
+    }
+    for (int q = 0; q <= n1; q++) da[q] = block_sum(da[q]);
+    if (threadIdx.x == 0) {
+        mean[r] = m;
+        rstd[r] = rs;
+        float *t = ta + (size_t)r * n1;
+        for (int q = 0; q < n1; q++) t[q] = tanhf(da[q]);
+        tb[r] = tanhf(da[n1]);
+        pre[r] = A[i * n1] + sa[0] * t[0];
+        post[r] = b[i] + sb[0] * tb[r];
+        for (int j = 0; j < n; j++) res[(size_t)bt * n * n + j * n + i] = A[i * n1 + 1 + j] + sa[0] * t[1 + j];
+    }
+}
+
+// gate gradients g (n+2 per row), then LayerNorm backward into dH; one block per (token, stream)
+__global__ void dhc_coeffs_backward_kernel(floatX *dH, float *g, const float *dpre, const float *dpost, const float *dres,
+                                           const floatX *H, const float *mean, const float *rstd, const float *ta, const float *tb,
+                                           const float *lnw, const float *Wa, const float *Wb, const float *sa, const float *sb, int n, int C) {
+    int r = blockIdx.x, bt = r / n, i = r % n, n1 = n + 1, ng = n + 2;
+    float gr[MAX_STREAMS + 2];
+    const float *t = ta + (size_t)r * n1;
+    for (int q = 0; q < n1; q++) {
+        float dAt = q == 0 ? dpre[r] : dres[(size_t)bt * n * n + (q - 1) * n + i];
+        gr[q] = dAt * sa[0] * (1.0f - t[q] * t[q]);
+    }
+    gr[n1] = dpost[r] * sb[0] * (1.0f - tb[r] * tb[r]);
+    if (threadIdx.x == 0) for (int q = 0; q < ng; q++) g[(size_t)r * ng + q] = gr[q];
+    const floatX *x = H + (size_t)r * C;
+    float m = mean[r], s = rstd[r], a = 0.0f, bb = 0.0f;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float dN = gr[n1] * Wb[c];
+        for (int q = 0; q < n1; q++) dN += gr[q] * Wa[c * n1 + q];
+        float dn = dN * lnw[c];
+        a += dn;
+        bb += dn * (tof(x[c]) - m) * s;
+    }
+    float dn_mean = block_sum(a) / C, dn_xhat = block_sum(bb) / C;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float dN = gr[n1] * Wb[c];
+        for (int q = 0; q < n1; q++) dN += gr[q] * Wa[c * n1 + q];
+        size_t o = (size_t)r * C + c;
+        dH[o] = tox(tof(dH[o]) + s * (dN * lnw[c] - dn_mean - (tof(x[c]) - m) * s * dn_xhat));
+    }
+}
+
+// per-channel parameter grads of dhc over a chunk of rows: partial[chunk][c][0..n] Wa, [n+1] Wb,
+// [n+2] lnw, [n+3] lnb
+__global__ void dhc_param_partial_kernel(float *partial, const float *g, const floatX *H, const float *mean, const float *rstd,
+                                         const float *lnw, const float *lnb, const float *Wa, const float *Wb,
+                                         int R, int n, int C, int chunk) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x, ch = blockIdx.y, n1 = n + 1, ng = n + 2, w = n + 4;
+    if (c >= C) return;
+    float acc[MAX_STREAMS + 4];
+    for (int q = 0; q < w; q++) acc[q] = 0.0f;
+    int r1 = min(R, (ch + 1) * chunk);
+    for (int r = ch * chunk; r < r1; r++) {
+        const float *gr = g + (size_t)r * ng;
+        float xhat = (tof(H[(size_t)r * C + c]) - mean[r]) * rstd[r];
+        float nv = xhat * lnw[c] + lnb[c];
+        float dN = gr[n1] * Wb[c];
+        for (int q = 0; q < n1; q++) { acc[q] += nv * gr[q]; dN += gr[q] * Wa[c * n1 + q]; }
+        acc[n1] += nv * gr[n1];
+        acc[n1 + 1] += dN * xhat;
+        acc[n1 + 2] += dN;
+    }
+    for (int q = 0; q < w; q++) partial[((size_t)ch * C + c) * w + q] = acc[q];
+}
+
+__global__ void dhc_param_finish_kernel(float *dWa, float *dWb, float *dlnw, float *dlnb, const float *partial, int n, int C, int nchunks) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x, n1 = n + 1, w = n + 4;
+    if (c >= C) return;
+    float acc[MAX_STREAMS + 4];
+    for (int q = 0; q < w; q++) acc[q] = 0.0f;
+    for (int ch = 0; ch < nchunks; ch++)
+        for (int q = 0; q < w; q++) acc[q] += partial[((size_t)ch * C + c) * w + q];
+    for (int q = 0; q < n1; q++) dWa[c * n1 + q] += acc[q];
+    dWb[c] += acc[n1];
+    dlnw[c] += acc[n1 + 1];
+    dlnb[c] += acc[n1 + 2];
+}
+
+// mhc (SPEC 2.3). Sinkhorn in fp32 by one thread per token; the backward recomputes the
+// iterations (see train_gpt_hc.c)
+__device__ void sinkhorn_fwd_dev(float *out, const float *X, int n, int iters, float *trace_P, float *trace_s) {
+    float M[MAX_STREAMS * MAX_STREAMS], mx = -FLT_MAX;
+    int nn = n * n;
+    for (int q = 0; q < nn; q++) mx = fmaxf(mx, X[q]);
+    for (int q = 0; q < nn; q++) M[q] = expf(X[q] - mx);
+    if (trace_P) for (int q = 0; q < nn; q++) trace_P[q] = M[q];
+    for (int it = 0; it < iters; it++)
+        for (int half = 0; half < 2; half++) {
+            float s[MAX_STREAMS];
+            for (int a = 0; a < n; a++) {
+                float sum = 0.0f;
+                for (int b = 0; b < n; b++) sum += half == 0 ? M[b * n + a] : M[a * n + b];
+                s[a] = sum;
+            }
+            for (int a = 0; a < n; a++)
+                for (int b = 0; b < n; b++) {
+                    if (half == 0) M[b * n + a] /= s[a];
+                    else M[a * n + b] /= s[a];
+                }
+            if (trace_P) {
+                int h = 2 * it + half;
+                for (int q = 0; q < nn; q++) trace_P[(size_t)(h + 1) * nn + q] = M[q];
+                for (int a = 0; a < n; a++) trace_s[(size_t)h * n + a] = s[a];
+            }
+        }
+    for (int q = 0; q < nn; q++) out[q] = M[q];
+}
+
+__global__ void mhc_coeffs_forward_kernel(float *pre, float *post, float *res, float *rms, float *z, const floatX *H,
+                                          const float *phi, const float *bias, const float *alpha, int n, int C, int iters) {
+    int bt = blockIdx.x, m = n * n + 2 * n, nC = n * C;
+    const floatX *x = H + (size_t)bt * nC;
+    float acc[MAX_STREAMS * MAX_STREAMS + 2 * MAX_STREAMS], ss = 0.0f;
+    for (int k = 0; k < m; k++) acc[k] = 0.0f;
+    for (int q = threadIdx.x; q < nC; q += blockDim.x) {
+        float xv = tof(x[q]);
+        ss += xv * xv;
+        const float *ph = phi + (size_t)q * m;
+        for (int k = 0; k < m; k++) acc[k] += xv * ph[k];
+    }
+    __shared__ float zs[MAX_STREAMS * MAX_STREAMS + 2 * MAX_STREAMS];
+    float r = sqrtf(block_sum(ss) / nC + 1e-6f);
+    for (int k = 0; k < m; k++) {
+        float s = block_sum(acc[k]);
+        if (threadIdx.x == 0) zs[k] = s / r;
+    }
+    if (threadIdx.x == 0) {
+        rms[bt] = r;
+        for (int k = 0; k < m; k++) z[(size_t)bt * m + k] = zs[k];
+        for (int i = 0; i < n; i++) {
+            pre[(size_t)bt * n + i] = 1.0f / (1.0f + expf(-(alpha[0] * zs[i] + bias[i])));
+            post[(size_t)bt * n + i] = 2.0f / (1.0f + expf(-(alpha[1] * zs[n + i] + bias[n + i])));
+        }
+        float X[MAX_STREAMS * MAX_STREAMS];
+        for (int q = 0; q < n * n; q++) X[q] = alpha[2] * zs[2 * n + q] + bias[2 * n + q];
+        sinkhorn_fwd_dev(res + (size_t)bt * n * n, X, n, iters, NULL, NULL);
+    }
+}
+
+// per token: logit gradients g (m), dp = alpha g / r (m, for dphi), small rows [g | g*z by alpha]
+// for dbias/dalpha, and dH += phi dp + dr x / (nC r). work: per-token Sinkhorn trace
+__global__ void mhc_coeffs_backward_kernel(floatX *dH, float *dp_out, float *rows, float *work, const float *dpre, const float *dpost,
+                                           const float *dres, const floatX *H, const float *pre, const float *post, const float *rms,
+                                           const float *z, const float *phi, const float *bias, const float *alpha,
+                                           int n, int C, int iters, size_t work_per) {
+    int bt = blockIdx.x, m = n * n + 2 * n, nC = n * C, nn = n * n;
+    __shared__ float dps[MAX_STREAMS * MAX_STREAMS + 2 * MAX_STREAMS];
+    __shared__ float drs;
+    const float *zz = z + (size_t)bt * m;
+    float r = rms[bt];
+    if (threadIdx.x == 0) {
+        float g[MAX_STREAMS * MAX_STREAMS + 2 * MAX_STREAMS];
+        for (int i = 0; i < n; i++) {
+            float s = pre[(size_t)bt * n + i], p2 = post[(size_t)bt * n + i];
+            g[i] = dpre[(size_t)bt * n + i] * s * (1.0f - s);
+            g[n + i] = dpost[(size_t)bt * n + i] * p2 * (1.0f - 0.5f * p2);
+        }
+        float X[MAX_STREAMS * MAX_STREAMS], out[MAX_STREAMS * MAX_STREAMS], d[MAX_STREAMS * MAX_STREAMS];
+        for (int q = 0; q < nn; q++) X[q] = alpha[2] * zz[2 * n + q] + bias[2 * n + q];
+        float *P = work + (size_t)bt * work_per, *S = P + (size_t)(2 * iters + 1) * nn;
+        sinkhorn_fwd_dev(out, X, n, iters, P, S);
+        for (int q = 0; q < nn; q++) d[q] = dres[(size_t)bt * nn + q];
+        for (int h = 2 * iters - 1; h >= 0; h--) {
+            const float *Ph = P + (size_t)(h + 1) * nn, *s = S + (size_t)h * n;
+            int rowstep = h % 2;
+            for (int a = 0; a < n; a++) {
+                float dot = 0.0f;
+                for (int b = 0; b < n; b++) { int q = rowstep ? a * n + b : b * n + a; dot += d[q] * Ph[q]; }
+                for (int b = 0; b < n; b++) { int q = rowstep ? a * n + b : b * n + a; d[q] = (d[q] - dot) / s[a]; }
+            }
+        }
+        for (int q = 0; q < nn; q++) g[2 * n + q] = d[q] * P[q];
+        float dr = 0.0f, ga[3] = {0, 0, 0};
+        float *row = rows + (size_t)bt * (m + 3);
+        for (int k = 0; k < m; k++) {
+            int w = k < n ? 0 : k < 2 * n ? 1 : 2;
+            float dz = alpha[w] * g[k];
+            dps[k] = dz / r;
+            dr -= dz * zz[k] / r;
+            row[k] = g[k];
+            ga[w] += g[k] * zz[k];
+        }
+        for (int w = 0; w < 3; w++) row[m + w] = ga[w];
+        for (int k = 0; k < m; k++) dp_out[(size_t)bt * m + k] = dps[k];
+        drs = dr;
+    }
+    __syncthreads();
+    const floatX *x = H + (size_t)bt * nC;
+    floatX *dx = dH + (size_t)bt * nC;
+    float kx = drs / (nC * r);
+    for (int q = threadIdx.x; q < nC; q += blockDim.x) {
+        const float *ph = phi + (size_t)q * m;
+        float s = kx * tof(x[q]);
+        for (int k = 0; k < m; k++) s += ph[k] * dps[k];
+        dx[q] = tox(tof(dx[q]) + s);
+    }
+}
+
+// dphi[q][k] += sum over a chunk of tokens of x[bt][q] dp[bt][k]; then chunks summed in order
+__global__ void mhc_dphi_partial_kernel(float *partial, const floatX *H, const float *dp, int BT, int nC, int m, int chunk) {
+    int q = blockIdx.x * blockDim.x + threadIdx.x, ch = blockIdx.y;
+    if (q >= nC) return;
+    float acc[MAX_STREAMS * MAX_STREAMS + 2 * MAX_STREAMS];
+    for (int k = 0; k < m; k++) acc[k] = 0.0f;
+    int b1 = min(BT, (ch + 1) * chunk);
+    for (int bt = ch * chunk; bt < b1; bt++) {
+        float xv = tof(H[(size_t)bt * nC + q]);
+        for (int k = 0; k < m; k++) acc[k] += xv * dp[(size_t)bt * m + k];
+    }
+    for (int k = 0; k < m; k++) partial[((size_t)ch * nC + q) * m + k] = acc[k];
+}
+
+__global__ void sum_chunks_kernel(float *out, const float *partial, size_t N, int nchunks) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= N) return;
+    float s = 0.0f;
+    for (int ch = 0; ch < nchunks; ch++) s += partial[(size_t)ch * N + i];
+    out[i] += s;
+}
+
+__global__ void mhc_small_scatter_kernel(float *dbias, float *dalpha, const float *sums, int m) {
+    for (int k = threadIdx.x; k < m + 3; k += blockDim.x) {
+        if (k < m) dbias[k] += sums[k];
+        else dalpha[k - m] += sums[k];
+    }
+}
+
+// reduce the streams: h = sum_i H_i ; and its backward dH_i += dh
+__global__ void stream_sum_kernel(floatX *h, const floatX *H, int BT, int n, int C) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)BT * C) return;
+    int bt = idx / C, c = idx % C;
+    float s = 0.0f;
+    for (int i = 0; i < n; i++) s += tof(H[((size_t)bt * n + i) * C + c]);
+    h[idx] = tox(s);
+}
+
+__global__ void stream_sum_backward_kernel(floatX *dH, const floatX *dh, int BT, int n, int C) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)BT * C) return;
+    int bt = idx / C, c = idx % C;
+    for (int i = 0; i < n; i++) dH[((size_t)bt * n + i) * C + c] = dh[idx];
+}
+
+// AdamW on fp32 master weights, then the floatX copy
+__global__ void adamw_kernel(float *p, floatX *px, const float *g, float *m, float *v, size_t N, float lr, float b1, float b2,
+                             float bc1, float bc2, float eps, float wd, float scale) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= N) return;
+    float gi = g[i] * scale;
+    float mi = b1 * m[i] + (1.0f - b1) * gi, vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    float pi = p[i] - lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps) + wd * p[i]);
+    p[i] = pi;
+    if (px != (floatX *)p) px[i] = tox(pi);
+}
+
+__global__ void to_floatx_kernel(floatX *out, const float *in, size_t N) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < N) out[i] = tox(in[i]);
+}
+
+__global__ void sumsq_partial_kernel(double *partial, const float *g, size_t N) {
+    size_t chunk = (N + gridDim.x - 1) / gridDim.x, b0 = blockIdx.x * chunk, b1 = min(N, b0 + chunk);
+    double s = 0.0;
+    for (size_t i = b0 + threadIdx.x; i < b1; i += blockDim.x) s += (double)g[i] * g[i];
+    __shared__ double sh[1024];
+    sh[threadIdx.x] = s;
+    __syncthreads();
+    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
+        if ((int)threadIdx.x < o) sh[threadIdx.x] += sh[threadIdx.x + o];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partial[blockIdx.x] = sh[0];
+}
+
+// ----------------------------------------------------------------------------
+// the model
+
+typedef struct {
+    float *wte, *wpe, *ln1w, *ln1b, *qkvw, *qkvb, *attprojw, *attprojb, *ln2w, *ln2b;
+    float *fcw, *fcb, *fcprojw, *fcprojb, *lnfw, *lnfb;
+    float *hc_A, *hc_b, *hc_lnw, *hc_lnb, *hc_Wa, *hc_Wb, *hc_sa, *hc_sb;
+    float *mhc_phi, *mhc_bias, *mhc_alpha;
+} ParameterTensors;
+
+static void point_parameters(ParameterTensors *p, float *mem, const size_t *sizes) {
+    float **ptrs[NUM_PARAMETER_TENSORS] = {
+        &p->wte, &p->wpe, &p->ln1w, &p->ln1b, &p->qkvw, &p->qkvb, &p->attprojw, &p->attprojb, &p->ln2w, &p->ln2b,
+        &p->fcw, &p->fcb, &p->fcprojw, &p->fcprojb, &p->lnfw, &p->lnfb,
+        &p->hc_A, &p->hc_b, &p->hc_lnw, &p->hc_lnb, &p->hc_Wa, &p->hc_Wb, &p->hc_sa, &p->hc_sb,
+        &p->mhc_phi, &p->mhc_bias, &p->mhc_alpha};
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) { *ptrs[i] = mem; mem += sizes[i]; }
+}
+
+// activations: floatX tensors, then fp32 tensors (statistics and HC coefficients)
+#define NUM_ACTX 13
+#define NUM_ACTF 14
+typedef struct {
+    floatX *H, *u, *y, *ln, *qkv, *atty, *att, *fch, *fch_gelu, *hsum, *lnf, *logits, *scratchx;
+    float *ln_mean, *ln_rstd, *pre, *post, *res, *hcn_mean, *hcn_rstd, *hc_ta, *hc_tb, *mhc_rms, *mhc_z, *lnf_mean, *lnf_rstd, *losses;
+} ActivationTensors;
+
+static void fill_activation_sizes(size_t *sx, size_t *sf, const GPTHCConfig *c, int B, int T) {
+    size_t BT = (size_t)B * T, C = c->channels, L = c->num_layers, K = 2 * L, n = c->n, NH = c->num_heads, Vp = c->padded_vocab_size;
+    int hc = c->mode != MODE_RESIDUAL, dhc = c->mode == MODE_DHC, mhc = c->mode == MODE_MHC;
+    size_t x[NUM_ACTX] = {(K + 1) * BT * n * C, hc ? K * BT * C : 0, K * BT * C, K * BT * C, L * BT * 3 * C, L * BT * C,
+                          L * B * NH * T * T, L * BT * 4 * C, L * BT * 4 * C, BT * C, BT * C, BT * Vp, BT * C};
+    size_t f[NUM_ACTF] = {K * BT, K * BT, hc ? K * BT * n : 0, hc ? K * BT * n : 0, hc ? K * BT * n * n : 0,
+                          dhc ? K * BT * n : 0, dhc ? K * BT * n : 0, dhc ? K * BT * n * (n + 1) : 0, dhc ? K * BT * n : 0,
+                          mhc ? K * BT : 0, mhc ? K * BT * mhc_width(n) : 0, BT, BT, BT};
+    memcpy(sx, x, sizeof(x));
+    memcpy(sf, f, sizeof(f));
+}
+
+static void point_activations(ActivationTensors *a, floatX *mx, float *mf, const size_t *sx, const size_t *sf) {
+    floatX **px[NUM_ACTX] = {&a->H, &a->u, &a->y, &a->ln, &a->qkv, &a->atty, &a->att, &a->fch, &a->fch_gelu, &a->hsum, &a->lnf, &a->logits, &a->scratchx};
+    float **pf[NUM_ACTF] = {&a->ln_mean, &a->ln_rstd, &a->pre, &a->post, &a->res, &a->hcn_mean, &a->hcn_rstd, &a->hc_ta,
+                            &a->hc_tb, &a->mhc_rms, &a->mhc_z, &a->lnf_mean, &a->lnf_rstd, &a->losses};
+    for (int i = 0; i < NUM_ACTX; i++) { *px[i] = mx; mx += sx[i]; }
+    for (int i = 0; i < NUM_ACTF; i++) { *pf[i] = mf; mf += sf[i]; }
+}
+
+typedef struct {
+    GPTHCConfig config;
+    size_t param_sizes[NUM_PARAMETER_TENSORS];
+    size_t num_parameters;
+    ParameterTensors params, grads;   // fp32 on the device: master weights and gradients
+    float *params_memory, *grads_memory, *m_memory, *v_memory;
+    floatX *paramsx_memory;           // the floatX copy matmuls read (== params in FP32 builds)
+    float *host_params, *host_m, *host_v;
+    int moments_ready;
+    ActivationTensors acts, grads_acts;
+    size_t act_sizes_x[NUM_ACTX], act_sizes_f[NUM_ACTF];
+    floatX *actsx_memory, *gactsx_memory;
+    float *actsf_memory, *gactsf_memory;
+    size_t num_actx, num_actf;
+    int batch_size, seq_len, last_B, last_T;
+    int *inputs, *targets;            // device
+    float *host_losses, *host_res;
+    float mean_loss;
+} GPTHC;
+
+// floatX pointer to parameter tensor i
+static floatX *px(GPTHC *m, int i) {
+    size_t off = 0;
+    for (int j = 0; j < i; j++) off += m->param_sizes[j];
+    return m->paramsx_memory + off;
+}
+
+static void gpt_init_device(void) {
+    static int done = 0;
+    if (done) return;
+    int count = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess || count == 0) die("no CUDA device found (%s); use ./train_gpt_hc on the CPU", cudaGetErrorString(e));
+    cudaDeviceProp prop;
+    cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    g_sms = prop.multiProcessorCount;
+    cublasCheck(cublasCreate(&g_cublas));
+#if defined(ENABLE_FP32)
+    cublasCheck(cublasSetMathMode(g_cublas, CUBLAS_PEDANTIC_MATH));   // no TF32: the tests compare to float64
+#else
+    cublasCheck(cublasSetMathMode(g_cublas, CUBLAS_DEFAULT_MATH));
+#endif
+    done = 1;
+}
+
+static void gpt_upload_params(GPTHC *model) {
+    cudaCheck(cudaMemcpy(model->params_memory, model->host_params, model->num_parameters * sizeof(float), cudaMemcpyHostToDevice));
+    if ((void *)model->paramsx_memory != (void *)model->params_memory) {
+        to_floatx_kernel<<<ceil_div(model->num_parameters, 256), 256>>>(model->paramsx_memory, model->params_memory, model->num_parameters);
+        kernelCheck();
+    }
+}
+
+static void gpt_allocate(GPTHC *model) {
+    gpt_init_device();
+    fill_param_sizes(model->param_sizes, &model->config);
+    model->num_parameters = count_params(&model->config);
+    size_t P = model->num_parameters;
+    cudaCheck(cudaMalloc(&model->params_memory, P * sizeof(float)));
+#if defined(ENABLE_FP32)
+    model->paramsx_memory = model->params_memory;
+#else
+    cudaCheck(cudaMalloc(&model->paramsx_memory, P * sizeof(floatX)));
+#endif
+    point_parameters(&model->params, model->params_memory, model->param_sizes);
+    model->host_params = (float *)callocCheck(P, sizeof(float));
+}
+
+// a fresh model: built on the host exactly as train_gpt_hc.c does (same seed, same weights)
+static void init_fresh_host(float *params, const size_t *sizes, const GPTHCConfig *c, uint64_t seed) {
+    ParameterTensors p;
+    point_parameters(&p, params, sizes);
+    int L = c->num_layers, C = c->channels, n = c->n, K = 2 * L;
+    uint64_t rng = seed;
+    float proj_std = 0.02f / sqrtf(2.0f * L);
+    rng_normal_fill(&rng, p.wte, sizes[P_WTE], 0.0f, 0.02f);
+    memset(p.wte + (size_t)c->vocab_size * C, 0, (size_t)(c->padded_vocab_size - c->vocab_size) * C * sizeof(float));
+    rng_normal_fill(&rng, p.wpe, sizes[P_WPE], 0.0f, 0.02f);
+    rng_normal_fill(&rng, p.qkvw, sizes[P_QKVW], 0.0f, 0.02f);
+    rng_normal_fill(&rng, p.attprojw, sizes[P_ATTPROJW], 0.0f, proj_std);
+    rng_normal_fill(&rng, p.fcw, sizes[P_FCW], 0.0f, 0.02f);
+    rng_normal_fill(&rng, p.fcprojw, sizes[P_FCPROJW], 0.0f, proj_std);
+    for (size_t i = 0; i < (size_t)L * C; i++) { p.ln1w[i] = 1.0f; p.ln2w[i] = 1.0f; }
+    for (int i = 0; i < C; i++) p.lnfw[i] = 1.0f;
+    if (c->mode == MODE_SHC || c->mode == MODE_DHC) {
+        for (int k = 0; k < K; k++) {
+            float *A = p.hc_A + (size_t)k * n * (n + 1);
+            A[(k % n) * (n + 1)] = 1.0f;
+            for (int i = 0; i < n; i++) A[i * (n + 1) + 1 + i] = 1.0f;
+            for (int i = 0; i < n; i++) p.hc_b[k * n + i] = 1.0f;
+        }
+    }
+    if (c->mode == MODE_DHC) {
+        for (size_t i = 0; i < (size_t)K * C; i++) p.hc_lnw[i] = 1.0f;
+        for (int k = 0; k < K; k++) { p.hc_sa[k] = 0.01f; p.hc_sb[k] = 0.01f; }
+    }
+    if (c->mode == MODE_MHC) {
+        int m = mhc_width(n);
+        for (int k = 0; k < K; k++) {
+            float *b = p.mhc_bias + (size_t)k * m;
+            b[k % n] = 1.0f;
+            for (int i = 0; i < n; i++) b[2 * n + i * n + i] = 1.0f;
+            for (int a = 0; a < 3; a++) p.mhc_alpha[k * 3 + a] = 0.01f;
+        }
+    }
+}
+
+void gpt_build_fresh(GPTHC *model, const GPTHCConfig *cfg, uint64_t seed) {
+    memset(model, 0, sizeof(*model));
+    model->config = *cfg;
+    gpt_allocate(model);
+    init_fresh_host(model->host_params, model->param_sizes, cfg, seed);
+    gpt_upload_params(model);
+}
+
+void gpt_build_from_checkpoint(GPTHC *model, const char *path) {
+    memset(model, 0, sizeof(*model));
+    FILE *fp = fopenCheck(path, "rb");
+    GPTHCConfig cfg;
+    read_model_header(fp, path, &cfg);
+    model->config = cfg;
+    gpt_allocate(model);
+    freadCheck(model->host_params, sizeof(float), model->num_parameters, fp, path);
+    fclose(fp);
+    gpt_upload_params(model);
+}
+
+void gpt_ensure_activations(GPTHC *model, int B, int T) {
+    if (model->actsx_memory != NULL) {
+        if (B > model->batch_size || T > model->seq_len)
+            die("internal: forward with B=%d T=%d after allocating for B=%d T=%d", B, T, model->batch_size, model->seq_len);
+        return;
+    }
+    model->batch_size = B;
+    model->seq_len = T;
+    fill_activation_sizes(model->act_sizes_x, model->act_sizes_f, &model->config, B, T);
+    model->num_actx = model->num_actf = 0;
+    for (int i = 0; i < NUM_ACTX; i++) model->num_actx += model->act_sizes_x[i];
+    for (int i = 0; i < NUM_ACTF; i++) model->num_actf += model->act_sizes_f[i];
+    cudaCheck(cudaMalloc(&model->actsx_memory, model->num_actx * sizeof(floatX)));
+    cudaCheck(cudaMalloc(&model->actsf_memory, model->num_actf * sizeof(float)));
+    point_activations(&model->acts, model->actsx_memory, model->actsf_memory, model->act_sizes_x, model->act_sizes_f);
+    cudaCheck(cudaMalloc(&model->inputs, (size_t)B * T * sizeof(int)));
+    cudaCheck(cudaMalloc(&model->targets, (size_t)B * T * sizeof(int)));
+    model->host_losses = (float *)mallocCheck((size_t)B * T * sizeof(float));
+}
+
+static void sublayer_forward(GPTHC *model, int k, const floatX *u, int B, int T) {
+    const GPTHCConfig *c = &model->config;
+    ActivationTensors *a = &model->acts;
+    size_t BT = (size_t)B * T, C = c->channels, l = k / 2, NH = c->num_heads;
+    floatX *ln = a->ln + k * BT * C, *y = a->y + k * BT * C;
+    float *mean = a->ln_mean + k * BT, *rstd = a->ln_rstd + k * BT;
+    if (k % 2 == 0) {
+        floatX *qkv = a->qkv + l * BT * 3 * C, *atty = a->atty + l * BT * C, *att = a->att + l * B * NH * T * T;
+        layernorm_forward_kernel<<<BT, 256>>>(ln, mean, rstd, u, px(model, P_LN1W) + l * C, px(model, P_LN1B) + l * C, C);
+        kernelCheck();
+        matmul_forward(qkv, ln, px(model, P_QKVW) + l * 3 * C * C, px(model, P_QKVB) + l * 3 * C, BT, C, 3 * C);
+        attention_forward(atty, att, qkv, B, T, C, NH);
+        matmul_forward(y, atty, px(model, P_ATTPROJW) + l * C * C, px(model, P_ATTPROJB) + l * C, BT, C, C);
+    } else {
+        floatX *fch = a->fch + l * BT * 4 * C, *fchg = a->fch_gelu + l * BT * 4 * C;
+        layernorm_forward_kernel<<<BT, 256>>>(ln, mean, rstd, u, px(model, P_LN2W) + l * C, px(model, P_LN2B) + l * C, C);
+        kernelCheck();
+        matmul_forward(fch, ln, px(model, P_FCW) + l * 4 * C * C, px(model, P_FCB) + l * 4 * C, BT, C, 4 * C);
+        gelu_forward_kernel<<<ceil_div(BT * 4 * C, 256), 256>>>(fchg, fch, BT * 4 * C);
+        kernelCheck();
+        matmul_forward(y, fchg, px(model, P_FCPROJW) + l * C * 4 * C, px(model, P_FCPROJB) + l * C, BT, 4 * C, C);
+    }
+}
+
+// du += d(sublayer input); parameter grads accumulated
+static void sublayer_backward(GPTHC *model, int k, floatX *du, const floatX *dy, const floatX *u, int B, int T) {
+    const GPTHCConfig *c = &model->config;
+    ParameterTensors *g = &model->grads;
+    ActivationTensors *a = &model->acts, *ga = &model->grads_acts;
+    size_t BT = (size_t)B * T, C = c->channels, l = k / 2, NH = c->num_heads;
+    floatX *ln = a->ln + k * BT * C, *dln = ga->ln + k * BT * C;
+    float *mean = a->ln_mean + k * BT, *rstd = a->ln_rstd + k * BT;
+    float *dwrows;   // taken from scratch slot 2 right before use (attention uses that slot too)
+    if (k % 2 == 0) {
+        floatX *qkv = a->qkv + l * BT * 3 * C, *atty = a->atty + l * BT * C, *att = a->att + l * B * NH * T * T;
+        floatX *dqkv = ga->qkv + l * BT * 3 * C, *datty = ga->atty + l * BT * C;
+        matmul_backward(datty, g->attprojw + l * C * C, g->attprojb + l * C, dy, atty, px(model, P_ATTPROJW) + l * C * C, BT, C, C);
+        attention_backward(dqkv, datty, qkv, att, B, T, C, NH);
+        matmul_backward(dln, g->qkvw + l * 3 * C * C, g->qkvb + l * 3 * C, dqkv, ln, px(model, P_QKVW) + l * 3 * C * C, BT, C, 3 * C);
+        dwrows = (float *)dscratch(2, BT * C * sizeof(float));
+        layernorm_backward_kernel<<<BT, 256>>>(du, dwrows, dln, u, px(model, P_LN1W) + l * C, mean, rstd, C);
+        kernelCheck();
+        colsum(g->ln1w + l * C, dwrows, BT, C);
+        colsum(g->ln1b + l * C, dln, BT, C);
+    } else {
+        floatX *fch = a->fch + l * BT * 4 * C, *fchg = a->fch_gelu + l * BT * 4 * C;
+        floatX *dfch = ga->fch + l * BT * 4 * C, *dfchg = ga->fch_gelu + l * BT * 4 * C;
+        matmul_backward(dfchg, g->fcprojw + l * C * 4 * C, g->fcprojb + l * C, dy, fchg, px(model, P_FCPROJW) + l * C * 4 * C, BT, 4 * C, C);
+        gelu_backward_kernel<<<ceil_div(BT * 4 * C, 256), 256>>>(dfch, fch, dfchg, BT * 4 * C);
+        kernelCheck();
+        matmul_backward(dln, g->fcw + l * 4 * C * C, g->fcb + l * 4 * C, dfch, ln, px(model, P_FCW) + l * 4 * C * C, BT, C, 4 * C);
+        dwrows = (float *)dscratch(2, BT * C * sizeof(float));
+        layernorm_backward_kernel<<<BT, 256>>>(du, dwrows, dln, u, px(model, P_LN2W) + l * C, mean, rstd, C);
+        kernelCheck();
+        colsum(g->ln2w + l * C, dwrows, BT, C);
+        colsum(g->ln2b + l * C, dln, BT, C);
+    }
+}
+
+static void hc_coeffs_forward(GPTHC *model, int k, const floatX *Hk, int BT) {
+    const GPTHCConfig *c = &model->config;
+    ParameterTensors *p = &model->params;
+    ActivationTensors *a = &model->acts;
+    int n = c->n, C = c->channels, m = mhc_width(n);
+    float *pre = a->pre + (size_t)k * BT * n, *post = a->post + (size_t)k * BT * n, *res = a->res + (size_t)k * BT * n * n;
+    if (c->mode == MODE_SHC) {
+        shc_coeffs_forward_kernel<<<ceil_div(BT, 128), 128>>>(pre, post, res, p->hc_A + (size_t)k * n * (n + 1), p->hc_b + (size_t)k * n, BT, n);
+    } else if (c->mode == MODE_DHC) {
+        dhc_coeffs_forward_kernel<<<BT * n, 128>>>(pre, post, res, a->hcn_mean + (size_t)k * BT * n, a->hcn_rstd + (size_t)k * BT * n,
+                                                  a->hc_ta + (size_t)k * BT * n * (n + 1), a->hc_tb + (size_t)k * BT * n, Hk,
+                                                  p->hc_A + (size_t)k * n * (n + 1), p->hc_b + (size_t)k * n, p->hc_lnw + (size_t)k * C,
+                                                  p->hc_lnb + (size_t)k * C, p->hc_Wa + (size_t)k * C * (n + 1), p->hc_Wb + (size_t)k * C,
+                                                  p->hc_sa + k, p->hc_sb + k, n, C);
+    } else {
+        mhc_coeffs_forward_kernel<<<BT, 256>>>(pre, post, res, a->mhc_rms + (size_t)k * BT, a->mhc_z + (size_t)k * BT * m, Hk,
+                                               p->mhc_phi + (size_t)k * n * C * m, p->mhc_bias + (size_t)k * m, p->mhc_alpha + k * 3,
+                                               n, C, c->sinkhorn_iters);
+    }
+    kernelCheck();
+}
+
+static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *Hk, int BT) {
+    const GPTHCConfig *c = &model->config;
+    ParameterTensors *p = &model->params, *g = &model->grads;
+    ActivationTensors *a = &model->acts, *ga = &model->grads_acts;
+    int n = c->n, C = c->channels, m = mhc_width(n), n1 = n + 1;
+    size_t o1 = (size_t)k * BT * n, o2 = (size_t)k * BT * n * n;
+    const float *dpre = ga->pre + o1, *dpost = ga->post + o1, *dres = ga->res + o2;
+    if (c->mode == MODE_SHC || c->mode == MODE_DHC) {
+        int dyn = c->mode == MODE_DHC, w = n * n1 + n + 2;
+        if (dyn) {
+            int R = BT * n, chunk = (R + COLSUM_CHUNKS - 1) / COLSUM_CHUNKS;
+            float *gbuf = (float *)dscratch(0, (size_t)R * (n + 2) * sizeof(float));
+            dhc_coeffs_backward_kernel<<<R, 128>>>(dHk, gbuf, dpre, dpost, dres, Hk, a->hcn_mean + o1, a->hcn_rstd + o1,
+                                                   a->hc_ta + (size_t)k * BT * n1 * n, a->hc_tb + o1, p->hc_lnw + (size_t)k * C,
+                                                   p->hc_Wa + (size_t)k * C * n1, p->hc_Wb + (size_t)k * C, p->hc_sa + k, p->hc_sb + k, n, C);
+            kernelCheck();
+            float *partial = (float *)dscratch(1, (size_t)COLSUM_CHUNKS * C * (n + 4) * sizeof(float));
+            dhc_param_partial_kernel<<<dim3(ceil_div(C, 128), COLSUM_CHUNKS), 128>>>(partial, gbuf, Hk, a->hcn_mean + o1, a->hcn_rstd + o1,
+                                                                                   p->hc_lnw + (size_t)k * C, p->hc_lnb + (size_t)k * C,
+                                                                                   p->hc_Wa + (size_t)k * C * n1, p->hc_Wb + (size_t)k * C, R, n, C, chunk);
+            kernelCheck();
+            dhc_param_finish_kernel<<<ceil_div(C, 128), 128>>>(g->hc_Wa + (size_t)k * C * n1, g->hc_Wb + (size_t)k * C, g->hc_lnw + (size_t)k * C,
+                                                              g->hc_lnb + (size_t)k * C, partial, n, C, COLSUM_CHUNKS);
+            kernelCheck();
+        }
+        float *rows = (float *)dscratch(2, (size_t)BT * w * sizeof(float));
+        float *sums = (float *)dscratch(1, (size_t)w * sizeof(float) + 64);
+        hc_small_grads_kernel<<<ceil_div(BT, 128), 128>>>(rows, dpre, dpost, dres, dyn ? a->hc_ta + (size_t)k * BT * n1 * n : NULL,
+                                                          dyn ? a->hc_tb + o1 : NULL, BT, n);
+        kernelCheck();
+        cudaCheck(cudaMemset(sums, 0, w * sizeof(float)));
+        colsum(sums, rows, BT, w);
+        hc_small_grads_scatter_kernel<<<1, 128>>>(g->hc_A + (size_t)k * n * n1, g->hc_b + (size_t)k * n, dyn ? g->hc_sa + k : NULL,
+                                                  dyn ? g->hc_sb + k : NULL, sums, n);
+        kernelCheck();
+    } else {
+        int nC = n * C, iters = c->sinkhorn_iters;
+        size_t work_per = (size_t)(2 * iters + 1) * n * n + (size_t)2 * iters * n;
+        float *work = (float *)dscratch(0, (size_t)BT * work_per * sizeof(float));
+        float *dp = (float *)dscratch(1, (size_t)BT * m * sizeof(float));
+        float *rows = (float *)dscratch(2, (size_t)BT * (m + 3) * sizeof(float));
+        mhc_coeffs_backward_kernel<<<BT, 256>>>(dHk, dp, rows, work, dpre, dpost, dres, Hk, a->pre + o1, a->post + o1, a->mhc_rms + (size_t)k * BT,
+                                                a->mhc_z + (size_t)k * BT * m, p->mhc_phi + (size_t)k * nC * m, p->mhc_bias + (size_t)k * m,
+                                                p->mhc_alpha + k * 3, n, C, iters, work_per);
+        kernelCheck();
+        int chunk = (BT + COLSUM_CHUNKS - 1) / COLSUM_CHUNKS;
+        float *partial = (float *)dscratch(0, (size_t)COLSUM_CHUNKS * nC * m * sizeof(float));
+        mhc_dphi_partial_kernel<<<dim3(ceil_div(nC, 128), COLSUM_CHUNKS), 128>>>(partial, Hk, dp, BT, nC, m, chunk);
+        kernelCheck();
+        sum_chunks_kernel<<<ceil_div((size_t)nC * m, 256), 256>>>(g->mhc_phi + (size_t)k * nC * m, partial, (size_t)nC * m, COLSUM_CHUNKS);
+        kernelCheck();
+        float *sums = (float *)dscratch(1, (size_t)(m + 3) * sizeof(float) + 64);
+        cudaCheck(cudaMemset(sums, 0, (m + 3) * sizeof(float)));
+        colsum(sums, rows, BT, m + 3);
+        mhc_small_scatter_kernel<<<1, 128>>>(g->mhc_bias + (size_t)k * m, g->mhc_alpha + k * 3, sums, m);
+        kernelCheck();
+    }
+}
+
+void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int T) {
+    const GPTHCConfig *c = &model->config;
+    int V = c->vocab_size, Vp = c->padded_vocab_size, C = c->channels, n = c->n, K = 2 * c->num_layers;
+    if (T > c->max_seq_len) die("sequence length %d exceeds the model's max_seq_len %d", T, c->max_seq_len);
+    for (int i = 0; i < B * T; i++) {
+        if (inputs[i] < 0 || inputs[i] >= V) die("input token id %d out of range [0, %d)", inputs[i], V);
+        if (targets != NULL && (targets[i] < 0 || targets[i] >= V)) die("target token id %d out of range [0, %d)", targets[i], V);
+    }
+    gpt_ensure_activations(model, B, T);
+    model->last_B = B;
+    model->last_T = T;
+    size_t BT = (size_t)B * T, S = BT * n * C;
+    cudaCheck(cudaMemcpy(model->inputs, inputs, BT * sizeof(int), cudaMemcpyHostToDevice));
+    if (targets != NULL) cudaCheck(cudaMemcpy(model->targets, targets, BT * sizeof(int), cudaMemcpyHostToDevice));
+    ActivationTensors *a = &model->acts;
+    encoder_forward_kernel<<<ceil_div(BT * C, 256), 256>>>(a->H, model->inputs, px(model, P_WTE), px(model, P_WPE), BT, T, C, n);
+    kernelCheck();
+    for (int k = 0; k < K; k++) {
+        floatX *Hk = a->H + k * S, *Hn = a->H + (k + 1) * S, *y = a->y + k * BT * C;
+        if (c->mode == MODE_RESIDUAL) {
+            sublayer_forward(model, k, Hk, B, T);
+            add_kernel<<<ceil_div(BT * C, 256), 256>>>(Hn, Hk, y, BT * C);
+            kernelCheck();
+        } else {
+            floatX *u = a->u + k * BT * C;
+            hc_coeffs_forward(model, k, Hk, BT);
+            hc_premix_forward_kernel<<<BT, 256>>>(u, Hk, a->pre + k * BT * n, n, C);
+            kernelCheck();
+            sublayer_forward(model, k, u, B, T);
+            hc_postmix_forward_kernel<<<BT, 256>>>(Hn, Hk, y, a->post + k * BT * n, a->res + k * BT * n * n, n, C);
+            kernelCheck();
+        }
+    }
+    stream_sum_kernel<<<ceil_div(BT * C, 256), 256>>>(a->hsum, a->H + K * S, BT, n, C);
+    layernorm_forward_kernel<<<BT, 256>>>(a->lnf, a->lnf_mean, a->lnf_rstd, a->hsum, px(model, P_LNFW), px(model, P_LNFB), C);
+    kernelCheck();
+    matmul_forward(a->logits, a->lnf, px(model, P_WTE), NULL, BT, C, Vp);
+    if (targets != NULL) {
+        classifier_kernel<<<BT, 512>>>(a->losses, NULL, a->logits, model->targets, 0.0f, V, Vp);
+        kernelCheck();
+        cudaCheck(cudaMemcpy(model->host_losses, a->losses, BT * sizeof(float), cudaMemcpyDeviceToHost));
+        double s = 0.0;
+        for (size_t i = 0; i < BT; i++) s += model->host_losses[i];
+        model->mean_loss = (float)(s / BT);
+    } else {
+        model->mean_loss = -1.0f;
+    }
+}
+
+void gpt_zero_grad(GPTHC *model) {
+    if (model->grads_memory != NULL) cudaCheck(cudaMemset(model->grads_memory, 0, model->num_parameters * sizeof(float)));
+}
+
+void gpt_backward(GPTHC *model, float loss_scale) {
+    if (model->mean_loss == -1.0f) die("internal: backward without a forward with targets");
+    const GPTHCConfig *c = &model->config;
+    if (model->grads_memory == NULL) {
+        cudaCheck(cudaMalloc(&model->grads_memory, model->num_parameters * sizeof(float)));
+        cudaCheck(cudaMemset(model->grads_memory, 0, model->num_parameters * sizeof(float)));
+        point_parameters(&model->grads, model->grads_memory, model->param_sizes);
+    }
+    if (model->gactsx_memory == NULL) {
+        cudaCheck(cudaMalloc(&model->gactsx_memory, model->num_actx * sizeof(floatX)));
+        cudaCheck(cudaMalloc(&model->gactsf_memory, model->num_actf * sizeof(float)));
+        point_activations(&model->grads_acts, model->gactsx_memory, model->gactsf_memory, model->act_sizes_x, model->act_sizes_f);
+    }
+    int B = model->last_B, T = model->last_T;
+    int V = c->vocab_size, Vp = c->padded_vocab_size, C = c->channels, n = c->n, K = 2 * c->num_layers;
+    size_t BT = (size_t)B * T, S = BT * n * C;
+    ParameterTensors *g = &model->grads;
+    ActivationTensors *a = &model->acts, *ga = &model->grads_acts;
+    // only the stream-state gradients accumulate; everything else is written before it is read
+    cudaCheck(cudaMemset(ga->H, 0, (size_t)(K + 1) * S * sizeof(floatX)));
+    classifier_kernel<<<BT, 512>>>(a->losses, ga->logits, a->logits, model->targets, loss_scale / (float)BT, V, Vp);
+    kernelCheck();
+    matmul_backward(ga->lnf, g->wte, NULL, ga->logits, a->lnf, px(model, P_WTE), BT, C, Vp);
+    float *dwrows = (float *)dscratch(2, BT * C * sizeof(float));
+    cudaCheck(cudaMemset(ga->hsum, 0, BT * C * sizeof(floatX)));
+    layernorm_backward_kernel<<<BT, 256>>>(ga->hsum, dwrows, ga->lnf, a->hsum, px(model, P_LNFW), a->lnf_mean, a->lnf_rstd, C);
+    kernelCheck();
+    colsum(g->lnfw, dwrows, BT, C);
+    colsum(g->lnfb, ga->lnf, BT, C);
+    stream_sum_backward_kernel<<<ceil_div(BT * C, 256), 256>>>(ga->H + K * S, ga->hsum, BT, n, C);
+    kernelCheck();
+    for (int k = K - 1; k >= 0; k--) {
+        floatX *Hk = a->H + k * S, *dHk = ga->H + k * S, *dHn = ga->H + (k + 1) * S;
+        if (c->mode == MODE_RESIDUAL) {
+            cudaCheck(cudaMemcpy(dHk, dHn, S * sizeof(floatX), cudaMemcpyDeviceToDevice));   // dH^k = dH^{k+1} + du
+            sublayer_backward(model, k, dHk, dHn, Hk, B, T);
+        } else {
+            floatX *u = a->u + k * BT * C, *du = ga->u + k * BT * C, *dy = ga->y + k * BT * C;
+            size_t o1 = k * BT * n, o2 = k * BT * n * n;
+            hc_postmix_backward_kernel<<<BT, 256>>>(dHk, dy, ga->post + o1, ga->res + o2, dHn, Hk, a->y + k * BT * C,
+                                                    a->post + o1, a->res + o2, n, C);
+            kernelCheck();
+            cudaCheck(cudaMemset(du, 0, BT * C * sizeof(floatX)));
+            sublayer_backward(model, k, du, dy, u, B, T);
+            hc_premix_backward_kernel<<<BT, 256>>>(dHk, ga->pre + o1, du, Hk, a->pre + o1, n, C);
+            kernelCheck();
+            hc_coeffs_backward(model, k, dHk, Hk, BT);
+        }
+    }
+    encoder_backward_kernel<<<ceil_div(C, 128), 128>>>(g->wte, g->wpe, ga->H, model->inputs, BT, T, C, n);
+    kernelCheck();
+}
+
+float gpt_grad_norm(GPTHC *model) {
+    int blocks = 2 * g_sms;
+    double *partial = (double *)dscratch(3, blocks * sizeof(double));
+    sumsq_partial_kernel<<<blocks, 1024>>>(partial, model->grads_memory, model->num_parameters);
+    kernelCheck();
+    double *h = (double *)mallocCheck(blocks * sizeof(double)), s = 0.0;
+    cudaCheck(cudaMemcpy(h, partial, blocks * sizeof(double), cudaMemcpyDeviceToHost));
+    for (int i = 0; i < blocks; i++) s += h[i];
+    free(h);
+    return (float)sqrt(s);
+}
+
+void gpt_update(GPTHC *model, float lr, float beta1, float beta2, float eps, float weight_decay, float grad_scale, int t) {
+    if (model->m_memory == NULL) {
+        cudaCheck(cudaMalloc(&model->m_memory, model->num_parameters * sizeof(float)));
+        cudaCheck(cudaMalloc(&model->v_memory, model->num_parameters * sizeof(float)));
+        cudaCheck(cudaMemset(model->m_memory, 0, model->num_parameters * sizeof(float)));
+        cudaCheck(cudaMemset(model->v_memory, 0, model->num_parameters * sizeof(float)));
+    }
+    model->moments_ready = 1;
+    float bc1 = 1.0f - powf(beta1, (float)t), bc2 = 1.0f - powf(beta2, (float)t);
+    size_t off = 0;
+    for (int ti = 0; ti < NUM_PARAMETER_TENSORS; ti++) {
+        size_t sz = model->param_sizes[ti];
+        if (sz > 0) {
+            float wd = param_decays(ti) ? weight_decay : 0.0f;
+            adamw_kernel<<<ceil_div(sz, 256), 256>>>(model->params_memory + off, model->paramsx_memory + off, model->grads_memory + off,
+                                                     model->m_memory + off, model->v_memory + off, sz, lr, beta1, beta2, bc1, bc2,
+                                                     eps, wd, grad_scale);
+            kernelCheck();
+        }
+        off += sz;
+    }
+}
+
+void gpt_gains(GPTHC *model, int BT, double *fwd, double *bwd, double *cfwd, double *cbwd) {
+    const GPTHCConfig *c = &model->config;
+    size_t nres = (size_t)2 * c->num_layers * BT * c->n * c->n;
+    if (c->mode != MODE_RESIDUAL) {
+        model->host_res = (float *)realloc(model->host_res, nres * sizeof(float));
+        if (!model->host_res) die("out of host memory");
+        cudaCheck(cudaMemcpy(model->host_res, model->acts.res, nres * sizeof(float), cudaMemcpyDeviceToHost));
+    }
+    compute_gains(c, model->host_res, BT, fwd, bwd, cfwd, cbwd);
+}
+
+void gpt_sample(GPTHC *model, const Tokenizer *tok, uint64_t *rng, int gen_tokens) {
+    int T = model->seq_len, Vp = model->config.padded_vocab_size, V = model->config.vocab_size;
+    if (gen_tokens > T) gen_tokens = T;
+    int *toks = (int *)mallocCheck((size_t)T * sizeof(int));
+    floatX *row = (floatX *)mallocCheck(Vp * sizeof(floatX));
+    float *probs = (float *)mallocCheck(Vp * sizeof(float));
+    int eot = tok->init_ok ? tok->eot_token : 50256;
+    if (eot >= V) eot = 0;
+    toks[0] = eot;
+    printf("generating:\n---\n");
+    for (int t = 1; t < gen_tokens; t++) {
+        gpt_forward(model, toks, NULL, 1, t);
+        cudaCheck(cudaMemcpy(row, model->acts.logits + (size_t)(t - 1) * Vp, Vp * sizeof(floatX), cudaMemcpyDeviceToHost));
+        float mx = -FLT_MAX;
+        double s = 0.0;
+        for (int i = 0; i < V; i++) { probs[i] = (float)row[i]; mx = fmaxf(mx, probs[i]); }   // host conversion
+        for (int i = 0; i < V; i++) { probs[i] = expf(probs[i] - mx); s += probs[i]; }
+        for (int i = 0; i < V; i++) probs[i] /= (float)s;
+        toks[t] = sample_mult(probs, V, rng_uniform(rng));
+        tokenizer_print(tok, (uint32_t)toks[t]);
+        fflush(stdout);
+    }
+    printf("\n---\n");
+    free(toks);
+    free(row);
+    free(probs);
+}
+
+void gpt_host_state(GPTHC *model, const float **params, const float **m, const float **v) {
+    size_t P = model->num_parameters;
+    cudaCheck(cudaMemcpy(model->host_params, model->params_memory, P * sizeof(float), cudaMemcpyDeviceToHost));
+    *params = model->host_params;
+    *m = *v = NULL;
+    if (model->moments_ready) {
+        if (!model->host_m) { model->host_m = (float *)mallocCheck(P * sizeof(float)); model->host_v = (float *)mallocCheck(P * sizeof(float)); }
+        cudaCheck(cudaMemcpy(model->host_m, model->m_memory, P * sizeof(float), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(model->host_v, model->v_memory, P * sizeof(float), cudaMemcpyDeviceToHost));
+        *m = model->host_m;
+        *v = model->host_v;
+    }
+}
+
+void gpt_set_moments(GPTHC *model, const float *m, const float *v) {
+    size_t P = model->num_parameters;
+    if (model->m_memory == NULL) {
+        cudaCheck(cudaMalloc(&model->m_memory, P * sizeof(float)));
+        cudaCheck(cudaMalloc(&model->v_memory, P * sizeof(float)));
+    }
+    cudaCheck(cudaMemcpy(model->m_memory, m, P * sizeof(float), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(model->v_memory, v, P * sizeof(float), cudaMemcpyHostToDevice));
+    model->moments_ready = 1;
+}
+
+void gpt_free(GPTHC *model) {
+    cudaFree(model->params_memory);
+    if ((void *)model->paramsx_memory != (void *)model->params_memory) cudaFree(model->paramsx_memory);
+    cudaFree(model->grads_memory);
+    cudaFree(model->m_memory);
+    cudaFree(model->v_memory);
+    cudaFree(model->actsx_memory);
+    cudaFree(model->actsf_memory);
+    cudaFree(model->gactsx_memory);
+    cudaFree(model->gactsf_memory);
+    cudaFree(model->inputs);
+    cudaFree(model->targets);
+    free(model->host_params);
+    free(model->host_m);
+    free(model->host_v);
+    free(model->host_losses);
+    free(model->host_res);
+}
+
+static const char *gpt_device_description(void) {
+    static char buf[320];
+    cudaDeviceProp prop;
+    gpt_init_device();
+    cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    snprintf(buf, sizeof buf, "%s, %s", prop.name, PRECISION_NAME);
+    return buf;
+}
+
+#ifndef TESTING
+#define TRAINER_NAME "train_gpt_hcu"
+#include "llmc/train_main.h"
+#endif
