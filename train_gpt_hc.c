@@ -1181,6 +1181,13 @@ void gpt_set_moments(GPTHC *model, const float *m, const float *v) {
     memcpy(model->v_memory, v, model->num_parameters * sizeof(float));
 }
 
+static void gpt_print_report(GPTHC *model, int steps, double total_ms) {
+    size_t bytes = (model->num_parameters * 4 + 2 * model->num_activations) * sizeof(float);
+    printf("model memory (params, grads, AdamW, activations and their grads): %.0f MiB\n", bytes / 1048576.0);
+}
+
+static void gpt_step_done(GPTHC *model, int timed) {}
+
 static const char *gpt_device_description(void) {
     static char buf[64];
     int threads = 1;

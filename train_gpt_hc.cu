@@ -64,6 +64,45 @@ __device__ __forceinline__ floatX tox(float x) { return (floatX)x; }
 
 static inline unsigned ceil_div(size_t a, size_t b) { return (unsigned)((a + b - 1) / b); }
 
+// opt-in time split (GPT_HC_PROFILE=1): events around each category, synchronized per scope,
+// so it slows the run a little; the benchmark reports tok/s from a run without it
+enum { PROF_MATMUL, PROF_ATTENTION, PROF_HC, PROF_HC_COEF, PROF_NORM, PROF_CLASSIFIER, PROF_OPTIMIZER, PROF_N };
+static const char *PROF_NAMES[PROF_N] = {"matmul (cuBLAS)", "attention", "HC mixing", "HC coefficients", "layernorm", "softmax/xent", "optimizer"};
+static double g_prof_ms[PROF_N];
+static int g_prof = -1;
+static int prof_on(void) {
+    if (g_prof < 0) g_prof = getenv("GPT_HC_PROFILE") && atoi(getenv("GPT_HC_PROFILE")) > 0;
+    return g_prof;
+}
+struct ProfScope {
+    int cat;
+    cudaEvent_t a, b;
+    ProfScope(int c) : cat(c) {
+        if (prof_on()) { cudaEventCreate(&a); cudaEventCreate(&b); cudaEventRecord(a); }
+    }
+    ~ProfScope() {
+        if (prof_on()) {
+            float ms;
+            cudaEventRecord(b);
+            cudaEventSynchronize(b);
+            cudaEventElapsedTime(&ms, a, b);
+            g_prof_ms[cat] += ms;
+            cudaEventDestroy(a);
+            cudaEventDestroy(b);
+        }
+    }
+};
+static size_t g_peak_used = 0;
+static void sample_memory(void) {
+    size_t fr, tot;
+    if (cudaMemGetInfo(&fr, &tot) == cudaSuccess && tot - fr > g_peak_used) g_peak_used = tot - fr;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
 // block-wide sum of one value per thread (blockDim.x a multiple of 32, at most 1024)
 __device__ float block_sum(float v) {
     __shared__ float sh[32];
@@ -75,6 +114,29 @@ __device__ float block_sum(float v) {
     float s = 0.0f;
     for (int i = 0; i < (int)blockDim.x / 32; i++) s += sh[i];
     return s;
+}
+
+// block-wide sums of CNT values per thread with one barrier pass (blockDim.x <= 256); every
+// thread gets the results. Inlined with a compile-time count, so the arrays stay in registers.
+#define MAX_RED 80
+template <int CNT>
+__device__ __forceinline__ void block_sum_many(const float *vals, float *out) {
+    __shared__ float sh[8 * CNT];
+    int w = threadIdx.x / 32, l = threadIdx.x % 32, nw = blockDim.x / 32;
+#pragma unroll
+    for (int q = 0; q < CNT; q++) {
+        float v = vals[q];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+        if (l == 0) sh[w * CNT + q] = v;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < CNT; q++) {
+        float s = 0.0f;
+        for (int i = 0; i < nw; i++) s += sh[i * CNT + q];
+        out[q] = s;
+    }
+    __syncthreads();
 }
 
 // ----------------------------------------------------------------------------
@@ -130,29 +192,33 @@ static void colsum(float *out, const T *x, int R, int Ccols) {
 
 // H^0_i = wte[tok] + wpe[t] for every stream i
 __global__ void encoder_forward_kernel(floatX *H, const int *inp, const floatX *wte, const floatX *wpe, int BT, int T, int C, int n) {
-    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (size_t)BT * C) return;
-    int bt = idx / C, c = idx % C, t = bt % T;
-    floatX v = tox(tof(wte[(size_t)inp[bt] * C + c]) + tof(wpe[(size_t)t * C + c]));
+    int bt = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;   // grid (tokens, C blocks): no index division
+    if (c >= C) return;
+    floatX v = tox(tof(wte[(size_t)inp[bt] * C + c]) + tof(wpe[(size_t)(bt % T) * C + c]));
     for (int i = 0; i < n; i++) H[((size_t)bt * n + i) * C + c] = v;
 }
 
-// dwte[tok] += sum_i dH^0_i and dwpe[t] += ...: one thread per channel walks the tokens in
-// order (tokens repeat, so no two threads may own the same row)
-__global__ void encoder_backward_kernel(float *dwte, float *dwpe, const floatX *dH, const int *inp, int BT, int T, int C, int n) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
+// dwte[tok] += sum over the token's positions of sum_i dH^0_i: the positions are bucketed by
+// token id on the host (in order), one block column per distinct token, so no two threads add
+// into the same row and the sum order is fixed
+__global__ void wte_backward_kernel(float *dwte, const floatX *dH, const int *tokens, const int *offsets, const int *positions, int n, int C) {
+    int b = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
     if (c >= C) return;
-    for (int bt = 0; bt < BT; bt++) {
-        float s = 0.0f;
-        for (int i = 0; i < n; i++) s += tof(dH[((size_t)bt * n + i) * C + c]);
-        dwte[(size_t)inp[bt] * C + c] += s;
+    float s = 0.0f;
+    for (int j = offsets[b]; j < offsets[b + 1]; j++) {
+        const floatX *d = dH + (size_t)positions[j] * n * C + c;
+        for (int i = 0; i < n; i++) s += tof(d[(size_t)i * C]);
     }
-    for (int t = 0; t < T; t++) {
-        float s = 0.0f;
-        for (int bt = t; bt < BT; bt += T)
-            for (int i = 0; i < n; i++) s += tof(dH[((size_t)bt * n + i) * C + c]);
-        dwpe[(size_t)t * C + c] += s;
-    }
+    dwte[(size_t)tokens[b] * C + c] += s;
+}
+
+__global__ void wpe_backward_kernel(float *dwpe, const floatX *dH, int B, int T, int n, int C) {
+    int t = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float s = 0.0f;
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < n; i++) s += tof(dH[(((size_t)b * T + t) * n + i) * C + c]);
+    dwpe[(size_t)t * C + c] += s;
 }
 
 // one block per row
@@ -189,9 +255,9 @@ __global__ void layernorm_backward_kernel(floatX *dinp, float *dw_rows, const fl
     }
 }
 
-__global__ void add_bias_kernel(floatX *out, const floatX *bias, size_t N, int OC) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < N) out[i] = tox(tof(out[i]) + tof(bias[i % OC]));
+__global__ void add_bias_kernel(floatX *out, const floatX *bias, int OC) {
+    int bt = blockIdx.x, o = blockIdx.y * blockDim.x + threadIdx.x;
+    if (o < OC) out[(size_t)bt * OC + o] = tox(tof(out[(size_t)bt * OC + o]) + tof(bias[o]));
 }
 
 #define GELU_SCALING_FACTOR 0.7978845608028654f
@@ -220,33 +286,36 @@ __global__ void add_kernel(floatX *out, const floatX *a, const floatX *b, size_t
 
 // (B,T,3C) -> q, k, v each (B,NH,T,hs)
 __global__ void permute_kernel(floatX *q, floatX *k, floatX *v, const floatX *qkv, int B, int T, int NH, int hs) {
-    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (size_t)B * NH * T * hs) return;
-    int d = idx % hs, t = (idx / hs) % T, h = (idx / ((size_t)hs * T)) % NH, b = idx / ((size_t)hs * T * NH);
-    size_t src = ((size_t)b * T + t) * 3 * NH * hs + h * hs + d, C = (size_t)NH * hs;
-    q[idx] = qkv[src];
-    k[idx] = qkv[src + C];
-    v[idx] = qkv[src + 2 * C];
+    int bt = blockIdx.x, b = bt / T, t = bt % T, C = NH * hs;   // one block per token
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        int h = c / hs, d = c % hs;
+        size_t src = (size_t)bt * 3 * C + c, dst = (((size_t)b * NH + h) * T + t) * hs + d;
+        q[dst] = qkv[src];
+        k[dst] = qkv[src + C];
+        v[dst] = qkv[src + 2 * C];
+    }
 }
 
 __global__ void permute_backward_kernel(floatX *dqkv, const floatX *dq, const floatX *dk, const floatX *dv, int B, int T, int NH, int hs) {
-    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (size_t)B * NH * T * hs) return;
-    int d = idx % hs, t = (idx / hs) % T, h = (idx / ((size_t)hs * T)) % NH, b = idx / ((size_t)hs * T * NH);
-    size_t dst = ((size_t)b * T + t) * 3 * NH * hs + h * hs + d, C = (size_t)NH * hs;
-    dqkv[dst] = dq[idx];
-    dqkv[dst + C] = dk[idx];
-    dqkv[dst + 2 * C] = dv[idx];
+    int bt = blockIdx.x, b = bt / T, t = bt % T, C = NH * hs;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        int h = c / hs, d = c % hs;
+        size_t dst = (size_t)bt * 3 * C + c, src = (((size_t)b * NH + h) * T + t) * hs + d;
+        dqkv[dst] = dq[src];
+        dqkv[dst + C] = dk[src];
+        dqkv[dst + 2 * C] = dv[src];
+    }
 }
 
 // (B,NH,T,hs) -> (B,T,C)
 __global__ void unpermute_kernel(floatX *out, const floatX *y, int B, int T, int NH, int hs, int backward) {
-    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (size_t)B * NH * T * hs) return;
-    int d = idx % hs, t = (idx / hs) % T, h = (idx / ((size_t)hs * T)) % NH, b = idx / ((size_t)hs * T * NH);
-    size_t o = ((size_t)b * T + t) * NH * hs + h * hs + d;
-    if (backward) out[idx] = y[o];   // (B,T,C) -> (B,NH,T,hs)
-    else out[o] = y[idx];
+    int bt = blockIdx.x, b = bt / T, t = bt % T, C = NH * hs;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        int h = c / hs, d = c % hs;
+        size_t o = (size_t)bt * C + c, p = (((size_t)b * NH + h) * T + t) * hs + d;
+        if (backward) out[p] = y[o];   // (B,T,C) -> (B,NH,T,hs)
+        else out[o] = y[p];
+    }
 }
 
 // causal softmax of scale * preatt, one block per row (b, h, t)
@@ -311,11 +380,12 @@ __global__ void classifier_kernel(float *losses, floatX *dlogits, const floatX *
 
 // out (BT, OC) = inp (BT, C) @ W (OC, C)^T + bias
 static void matmul_forward(floatX *out, const floatX *inp, const floatX *w, const floatX *bias, int BT, int C, int OC) {
+    ProfScope prof(PROF_MATMUL);
     const float one = 1.0f, zero = 0.0f;
     cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_T, CUBLAS_OP_N, OC, BT, C, &one, w, CUBLAS_X, C, inp, CUBLAS_X, C,
                              &zero, out, CUBLAS_X, OC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     if (bias != NULL) {
-        add_bias_kernel<<<ceil_div((size_t)BT * OC, 256), 256>>>(out, bias, (size_t)BT * OC, OC);
+        add_bias_kernel<<<dim3(BT, ceil_div(OC, 256)), 256>>>(out, bias, OC);
         kernelCheck();
     }
 }
@@ -323,6 +393,7 @@ static void matmul_forward(floatX *out, const floatX *inp, const floatX *w, cons
 // dinp = dout @ W (overwritten); dW += dout^T @ inp (fp32); dbias += column sums of dout
 static void matmul_backward(floatX *dinp, float *dw, float *dbias, const floatX *dout, const floatX *inp, const floatX *w,
                             int BT, int C, int OC) {
+    ProfScope prof(PROF_MATMUL);
     const float one = 1.0f, zero = 0.0f;
     cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_N, C, BT, OC, &one, w, CUBLAS_X, C, dout, CUBLAS_X, OC,
                              &zero, dinp, CUBLAS_X, C, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
@@ -333,11 +404,12 @@ static void matmul_backward(floatX *dinp, float *dw, float *dbias, const floatX 
 
 // attention: q k^T batched, masked softmax, att v batched; att kept for the backward
 static void attention_forward(floatX *out, floatX *att, const floatX *qkv, int B, int T, int C, int NH) {
+    ProfScope prof(PROF_ATTENTION);
     int hs = C / NH;
     size_t nqkv = (size_t)B * NH * T * hs, natt = (size_t)B * NH * T * T;
     floatX *q = (floatX *)dscratch(0, 4 * nqkv * sizeof(floatX)), *k = q + nqkv, *v = k + nqkv, *y = v + nqkv;
     floatX *preatt = (floatX *)dscratch(1, natt * sizeof(floatX));
-    permute_kernel<<<ceil_div(nqkv, 256), 256>>>(q, k, v, qkv, B, T, NH, hs);
+    permute_kernel<<<B * T, 256>>>(q, k, v, qkv, B, T, NH, hs);
     kernelCheck();
     const float one = 1.0f, zero = 0.0f;
     cublasCheck(cublasGemmStridedBatchedEx(g_cublas, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, &one, k, CUBLAS_X, hs, (long long)T * hs,
@@ -348,18 +420,19 @@ static void attention_forward(floatX *out, floatX *att, const floatX *qkv, int B
     cublasCheck(cublasGemmStridedBatchedEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, &one, v, CUBLAS_X, hs, (long long)T * hs,
                                            att, CUBLAS_X, T, (long long)T * T, &zero, y, CUBLAS_X, hs, (long long)T * hs,
                                            B * NH, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    unpermute_kernel<<<ceil_div(nqkv, 256), 256>>>(out, y, B, T, NH, hs, 0);
+    unpermute_kernel<<<B * T, 256>>>(out, y, B, T, NH, hs, 0);
     kernelCheck();
 }
 
 static void attention_backward(floatX *dqkv, const floatX *dout, const floatX *qkv, const floatX *att, int B, int T, int C, int NH) {
+    ProfScope prof(PROF_ATTENTION);
     int hs = C / NH;
     size_t nqkv = (size_t)B * NH * T * hs, natt = (size_t)B * NH * T * T;
     floatX *q = (floatX *)dscratch(0, 4 * nqkv * sizeof(floatX)), *k = q + nqkv, *v = k + nqkv, *dy = v + nqkv;
     floatX *buf = (floatX *)dscratch(1, 2 * natt * sizeof(floatX)), *datt = buf, *dpre = buf + natt;
     floatX *dq = (floatX *)dscratch(2, 3 * nqkv * sizeof(floatX)), *dk = dq + nqkv, *dv = dk + nqkv;
-    permute_kernel<<<ceil_div(nqkv, 256), 256>>>(q, k, v, qkv, B, T, NH, hs);
-    unpermute_kernel<<<ceil_div(nqkv, 256), 256>>>(dy, dout, B, T, NH, hs, 1);
+    permute_kernel<<<B * T, 256>>>(q, k, v, qkv, B, T, NH, hs);
+    unpermute_kernel<<<B * T, 256>>>(dy, dout, B, T, NH, hs, 1);
     kernelCheck();
     const float one = 1.0f, zero = 0.0f;
     // datt = dy v^T ; dv = att^T dy
@@ -378,14 +451,16 @@ static void attention_backward(floatX *dqkv, const floatX *dout, const floatX *q
     cublasCheck(cublasGemmStridedBatchedEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, &one, q, CUBLAS_X, hs, (long long)T * hs,
                                            dpre, CUBLAS_X, T, (long long)T * T, &zero, dk, CUBLAS_X, hs, (long long)T * hs,
                                            B * NH, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    permute_backward_kernel<<<ceil_div(nqkv, 256), 256>>>(dqkv, dq, dk, dv, B, T, NH, hs);
+    permute_backward_kernel<<<B * T, 256>>>(dqkv, dq, dk, dv, B, T, NH, hs);
     kernelCheck();
 }
 
 // ----------------------------------------------------------------------------
 // Hyper-Connection mixing (one block per token), as hc_premix/hc_postmix in train_gpt_hc.c
 
-__global__ void hc_premix_forward_kernel(floatX *u, const floatX *H, const float *pre, int n, int C) {
+template <int N>
+__global__ void hc_premix_forward_kernel(floatX *u, const floatX *H, const float *pre, int n_rt, int C) {
+    constexpr int n = N;   // streams as a compile-time constant: loops unroll, arrays stay in registers
     int bt = blockIdx.x;
     const floatX *h = H + (size_t)bt * n * C;
     const float *p = pre + (size_t)bt * n;
@@ -396,24 +471,35 @@ __global__ void hc_premix_forward_kernel(floatX *u, const floatX *H, const float
     }
 }
 
-// dH += pre (x) du; dpre[i] = du . H_i
-__global__ void hc_premix_backward_kernel(floatX *dH, float *dpre, const floatX *du, const floatX *H, const float *pre, int n, int C) {
-    int bt = blockIdx.x;
+// dH += pre (x) du; dpre[i] = du . H_i. One warp per token: the n sums need shuffles only
+template <int N>
+__global__ void hc_premix_backward_kernel(floatX *dH, float *dpre, const floatX *du, const floatX *H, const float *pre, int BT, int C) {
+    constexpr int n = N;
+    int bt = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (bt >= BT) return;
     const floatX *h = H + (size_t)bt * n * C, *d = du + (size_t)bt * C;
     floatX *dh = dH + (size_t)bt * n * C;
-    for (int i = 0; i < n; i++) {
-        float p = pre[(size_t)bt * n + i], s = 0.0f;
-        for (int c = threadIdx.x; c < C; c += blockDim.x) {
-            float dv = tof(d[c]);
-            s += dv * tof(h[(size_t)i * C + c]);
-            dh[(size_t)i * C + c] = tox(tof(dh[(size_t)i * C + c]) + p * dv);
+    float acc[n], p[n];
+#pragma unroll
+    for (int i = 0; i < n; i++) { acc[i] = 0.0f; p[i] = pre[(size_t)bt * n + i]; }
+    for (int c = lane; c < C; c += 32) {
+        float dv = tof(d[c]);
+#pragma unroll
+        for (int i = 0; i < n; i++) {
+            acc[i] += dv * tof(h[(size_t)i * C + c]);
+            dh[(size_t)i * C + c] = tox(tof(dh[(size_t)i * C + c]) + p[i] * dv);
         }
-        s = block_sum(s);
-        if (threadIdx.x == 0) dpre[(size_t)bt * n + i] = s;
+    }
+#pragma unroll
+    for (int i = 0; i < n; i++) {
+        float v = warp_sum(acc[i]);
+        if (lane == 0) dpre[(size_t)bt * n + i] = v;
     }
 }
 
-__global__ void hc_postmix_forward_kernel(floatX *Hout, const floatX *H, const floatX *y, const float *post, const float *res, int n, int C) {
+template <int N>
+__global__ void hc_postmix_forward_kernel(floatX *Hout, const floatX *H, const floatX *y, const float *post, const float *res, int n_rt, int C) {
+    constexpr int n = N;   // streams as a compile-time constant: loops unroll, arrays stay in registers
     int bt = blockIdx.x;
     const floatX *h = H + (size_t)bt * n * C;
     const float *r = res + (size_t)bt * n * n, *p = post + (size_t)bt * n;
@@ -428,38 +514,75 @@ __global__ void hc_postmix_forward_kernel(floatX *Hout, const floatX *H, const f
     }
 }
 
-// dH_j += sum_i res[i][j] dH'_i; dy = sum_i post[i] dH'_i (overwritten); dpost, dres written
+// dH_j += sum_i res[i][j] dH'_i; dy = sum_i post[i] dH'_i (overwritten); dpost, dres written.
+// One warp per token: the n + n^2 sums need shuffles only
+template <int N>
 __global__ void hc_postmix_backward_kernel(floatX *dH, floatX *dy, float *dpost, float *dres, const floatX *dHout, const floatX *H,
-                                           const floatX *y, const float *post, const float *res, int n, int C) {
-    int bt = blockIdx.x;
+                                           const floatX *y, const float *post, const float *res, int BT, int C) {
+    constexpr int n = N;
+    int bt = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (bt >= BT) return;
     const floatX *h = H + (size_t)bt * n * C, *d = dHout + (size_t)bt * n * C;
-    const float *r = res + (size_t)bt * n * n, *p = post + (size_t)bt * n;
-    float acc[MAX_STREAMS + MAX_STREAMS * MAX_STREAMS];
+    float r[n * n], p[n], acc[n + n * n];
+#pragma unroll
+    for (int q = 0; q < n * n; q++) r[q] = res[(size_t)bt * n * n + q];
+#pragma unroll
+    for (int i = 0; i < n; i++) p[i] = post[(size_t)bt * n + i];
+#pragma unroll
     for (int q = 0; q < n + n * n; q++) acc[q] = 0.0f;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-        float yv = tof(y[(size_t)bt * C + c]), dv[MAX_STREAMS], hv[MAX_STREAMS], dyv = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        float yv = tof(y[(size_t)bt * C + c]), dv[n], hv[n], dyv = 0.0f;
+#pragma unroll
         for (int i = 0; i < n; i++) { dv[i] = tof(d[(size_t)i * C + c]); hv[i] = tof(h[(size_t)i * C + c]); }
+#pragma unroll
         for (int i = 0; i < n; i++) {
             acc[i] += dv[i] * yv;
             dyv += p[i] * dv[i];
+#pragma unroll
             for (int j = 0; j < n; j++) acc[n + i * n + j] += dv[i] * hv[j];
         }
+#pragma unroll
         for (int j = 0; j < n; j++) {
-            float s = 0.0f;
-            for (int i = 0; i < n; i++) s += r[i * n + j] * dv[i];
+            float sum = 0.0f;
+#pragma unroll
+            for (int i = 0; i < n; i++) sum += r[i * n + j] * dv[i];
             size_t q = ((size_t)bt * n + j) * C + c;
-            dH[q] = tox(tof(dH[q]) + s);
+            dH[q] = tox(tof(dH[q]) + sum);
         }
         dy[(size_t)bt * C + c] = tox(dyv);
     }
+#pragma unroll
     for (int q = 0; q < n + n * n; q++) {
-        float s = block_sum(acc[q]);
-        if (threadIdx.x == 0) {
-            if (q < n) dpost[(size_t)bt * n + q] = s;
-            else dres[(size_t)bt * n * n + (q - n)] = s;
+        float v = warp_sum(acc[q]);
+        if (lane == 0) {
+            if (q < n) dpost[(size_t)bt * n + q] = v;
+            else dres[(size_t)bt * n * n + (q - n)] = v;
         }
     }
 }
+
+// threads per token block of the mixing kernels: with C=768, 128 threads give each thread 6
+// channels, so the per-block reduction of n + n^2 sums is a smaller share of the work
+#ifndef MIX_THREADS
+#define MIX_THREADS 128
+#endif
+
+// launch KERNEL<n> for the model's expansion rate
+#define DISPATCH_N(n, KERNEL, GRID, BLOCK, ...)                                   \
+    do {                                                                          \
+        switch (n) {                                                              \
+            case 1: KERNEL<1><<<GRID, BLOCK>>>(__VA_ARGS__); break;               \
+            case 2: KERNEL<2><<<GRID, BLOCK>>>(__VA_ARGS__); break;               \
+            case 3: KERNEL<3><<<GRID, BLOCK>>>(__VA_ARGS__); break;               \
+            case 4: KERNEL<4><<<GRID, BLOCK>>>(__VA_ARGS__); break;               \
+            case 5: KERNEL<5><<<GRID, BLOCK>>>(__VA_ARGS__); break;               \
+            case 6: KERNEL<6><<<GRID, BLOCK>>>(__VA_ARGS__); break;               \
+            case 7: KERNEL<7><<<GRID, BLOCK>>>(__VA_ARGS__); break;               \
+            case 8: KERNEL<8><<<GRID, BLOCK>>>(__VA_ARGS__); break;               \
+            default: die("expansion rate n=%d is not compiled in (1..8)", (int)(n)); \
+        }                                                                         \
+        kernelCheck();                                                            \
+    } while (0)
 
 // ----------------------------------------------------------------------------
 // coefficients. shc: static (SPEC 2.2), res[j][i] = A[i][1+j]
@@ -506,62 +629,81 @@ __global__ void hc_small_grads_scatter_kernel(float *dA, float *db, float *dsa, 
     }
 }
 
-// dhc (SPEC 2.2): one block per (token, stream)
+// dhc (SPEC 2.2): one warp per (token, stream) row of H
+template <int N>
 __global__ void dhc_coeffs_forward_kernel(float *pre, float *post, float *res, float *mean, float *rstd, float *ta, float *tb,
                                           const floatX *H, const float *A, const float *b, const float *lnw, const float *lnb,
-                                          const float *Wa, const float *Wb, const float *sa, const float *sb, int n, int C) {
-    int r = blockIdx.x, bt = r / n, i = r % n, n1 = n + 1;
+                                          const float *Wa, const float *Wb, const float *sa, const float *sb, int R, int C) {
+    constexpr int n = N, n1 = N + 1;
+    int r = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (r >= R) return;
+    int bt = r / n, i = r % n;
     const floatX *x = H + (size_t)r * C;
     float s = 0.0f;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) s += tof(x[c]);
-    float m = block_sum(s) / C, v = 0.0f;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) { float d = tof(x[c]) - m; v += d * d; }
-    float rs = rsqrtf(block_sum(v) / C + 1e-5f);
-    float da[MAX_STREAMS + 2];
+    for (int c = lane; c < C; c += 32) s += tof(x[c]);
+    float m = warp_sum(s) / C, v = 0.0f;
+    for (int c = lane; c < C; c += 32) { float d = tof(x[c]) - m; v += d * d; }
+    float rs = rsqrtf(warp_sum(v) / C + 1e-5f);
+    float da[n1 + 1];
+#pragma unroll
     for (int q = 0; q <= n1; q++) da[q] = 0.0f;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    for (int c = lane; c < C; c += 32) {
         float nv = (tof(x[c]) - m) * rs * lnw[c] + lnb[c];
+#pragma unroll
         for (int q = 0; q < n1; q++) da[q] += nv * Wa[c * n1 + q];
         da[n1] += nv * Wb[c];
     }
-    for (int q = 0; q <= n1; q++) da[q] = block_sum(da[q]);
-    if (threadIdx.x == 0) {
+#pragma unroll
+    for (int q = 0; q <= n1; q++) da[q] = warp_sum(da[q]);
+    if (lane == 0) {
         mean[r] = m;
         rstd[r] = rs;
         float *t = ta + (size_t)r * n1;
+#pragma unroll
         for (int q = 0; q < n1; q++) t[q] = tanhf(da[q]);
         tb[r] = tanhf(da[n1]);
         pre[r] = A[i * n1] + sa[0] * t[0];
         post[r] = b[i] + sb[0] * tb[r];
+#pragma unroll
         for (int j = 0; j < n; j++) res[(size_t)bt * n * n + j * n + i] = A[i * n1 + 1 + j] + sa[0] * t[1 + j];
     }
 }
 
-// gate gradients g (n+2 per row), then LayerNorm backward into dH; one block per (token, stream)
+// gate gradients g (n+2 per row), then LayerNorm backward into dH; one warp per row
+template <int N>
 __global__ void dhc_coeffs_backward_kernel(floatX *dH, float *g, const float *dpre, const float *dpost, const float *dres,
                                            const floatX *H, const float *mean, const float *rstd, const float *ta, const float *tb,
-                                           const float *lnw, const float *Wa, const float *Wb, const float *sa, const float *sb, int n, int C) {
-    int r = blockIdx.x, bt = r / n, i = r % n, n1 = n + 1, ng = n + 2;
-    float gr[MAX_STREAMS + 2];
+                                           const float *lnw, const float *Wa, const float *Wb, const float *sa, const float *sb, int R, int C) {
+    constexpr int n = N, n1 = N + 1, ng = N + 2;
+    int r = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (r >= R) return;
+    int bt = r / n, i = r % n;
+    float gr[ng];
     const float *t = ta + (size_t)r * n1;
+#pragma unroll
     for (int q = 0; q < n1; q++) {
         float dAt = q == 0 ? dpre[r] : dres[(size_t)bt * n * n + (q - 1) * n + i];
         gr[q] = dAt * sa[0] * (1.0f - t[q] * t[q]);
     }
     gr[n1] = dpost[r] * sb[0] * (1.0f - tb[r] * tb[r]);
-    if (threadIdx.x == 0) for (int q = 0; q < ng; q++) g[(size_t)r * ng + q] = gr[q];
+    if (lane < ng) {
+#pragma unroll
+        for (int q = 0; q < ng; q++) if (q == lane) g[(size_t)r * ng + q] = gr[q];
+    }
     const floatX *x = H + (size_t)r * C;
     float m = mean[r], s = rstd[r], a = 0.0f, bb = 0.0f;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    for (int c = lane; c < C; c += 32) {
         float dN = gr[n1] * Wb[c];
+#pragma unroll
         for (int q = 0; q < n1; q++) dN += gr[q] * Wa[c * n1 + q];
         float dn = dN * lnw[c];
         a += dn;
         bb += dn * (tof(x[c]) - m) * s;
     }
-    float dn_mean = block_sum(a) / C, dn_xhat = block_sum(bb) / C;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    float dn_mean = warp_sum(a) / C, dn_xhat = warp_sum(bb) / C;
+    for (int c = lane; c < C; c += 32) {
         float dN = gr[n1] * Wb[c];
+#pragma unroll
         for (int q = 0; q < n1; q++) dN += gr[q] * Wa[c * n1 + q];
         size_t o = (size_t)r * C + c;
         dH[o] = tox(tof(dH[o]) + s * (dN * lnw[c] - dn_mean - (tof(x[c]) - m) * s * dn_xhat));
@@ -570,9 +712,11 @@ __global__ void dhc_coeffs_backward_kernel(floatX *dH, float *g, const float *dp
 
 // per-channel parameter grads of dhc over a chunk of rows: partial[chunk][c][0..n] Wa, [n+1] Wb,
 // [n+2] lnw, [n+3] lnb
+template <int N>
 __global__ void dhc_param_partial_kernel(float *partial, const float *g, const floatX *H, const float *mean, const float *rstd,
                                          const float *lnw, const float *lnb, const float *Wa, const float *Wb,
-                                         int R, int n, int C, int chunk) {
+                                         int R, int n_rt, int C, int chunk) {
+    constexpr int n = N;   // streams as a compile-time constant: loops unroll, arrays stay in registers
     int c = blockIdx.x * blockDim.x + threadIdx.x, ch = blockIdx.y, n1 = n + 1, ng = n + 2, w = n + 4;
     if (c >= C) return;
     float acc[MAX_STREAMS + 4];
@@ -591,151 +735,181 @@ __global__ void dhc_param_partial_kernel(float *partial, const float *g, const f
     for (int q = 0; q < w; q++) partial[((size_t)ch * C + c) * w + q] = acc[q];
 }
 
+// sums the chunk partials in chunk order, one thread per (channel, quantity)
 __global__ void dhc_param_finish_kernel(float *dWa, float *dWb, float *dlnw, float *dlnb, const float *partial, int n, int C, int nchunks) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x, n1 = n + 1, w = n + 4;
-    if (c >= C) return;
-    float acc[MAX_STREAMS + 4];
-    for (int q = 0; q < w; q++) acc[q] = 0.0f;
-    for (int ch = 0; ch < nchunks; ch++)
-        for (int q = 0; q < w; q++) acc[q] += partial[((size_t)ch * C + c) * w + q];
-    for (int q = 0; q < n1; q++) dWa[c * n1 + q] += acc[q];
-    dWb[c] += acc[n1];
-    dlnw[c] += acc[n1 + 1];
-    dlnb[c] += acc[n1 + 2];
+    int w = n + 4, j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= C * w) return;
+    int c = j / w, q = j % w, n1 = n + 1;
+    float acc = 0.0f;
+    for (int ch = 0; ch < nchunks; ch++) acc += partial[(size_t)ch * C * w + j];
+    if (q < n1) dWa[c * n1 + q] += acc;
+    else if (q == n1) dWb[c] += acc;
+    else if (q == n1 + 1) dlnw[c] += acc;
+    else dlnb[c] += acc;
 }
 
 // mhc (SPEC 2.3). Sinkhorn in fp32 by one thread per token; the backward recomputes the
 // iterations (see train_gpt_hc.c)
-__device__ void sinkhorn_fwd_dev(float *out, const float *X, int n, int iters, float *trace_P, float *trace_s) {
-    float M[MAX_STREAMS * MAX_STREAMS], mx = -FLT_MAX;
-    int nn = n * n;
+// Sinkhorn-Knopp for one token in registers. trace (optional, for the backward): the matrix
+// after every half-step and its normalizers, element e of the token at trace[e * stride], so
+// the threads of a warp (consecutive tokens) touch consecutive addresses
+template <int N>
+__device__ void sinkhorn_fwd_dev(float *out, const float *X, int iters, float *trace_P, float *trace_s, int stride) {
+    constexpr int n = N, nn = N * N;
+    float M[nn], mx = -FLT_MAX;
+#pragma unroll
     for (int q = 0; q < nn; q++) mx = fmaxf(mx, X[q]);
+#pragma unroll
     for (int q = 0; q < nn; q++) M[q] = expf(X[q] - mx);
-    if (trace_P) for (int q = 0; q < nn; q++) trace_P[q] = M[q];
-    for (int it = 0; it < iters; it++)
-        for (int half = 0; half < 2; half++) {
-            float s[MAX_STREAMS];
-            for (int a = 0; a < n; a++) {
-                float sum = 0.0f;
-                for (int b = 0; b < n; b++) sum += half == 0 ? M[b * n + a] : M[a * n + b];
-                s[a] = sum;
-            }
-            for (int a = 0; a < n; a++)
-                for (int b = 0; b < n; b++) {
-                    if (half == 0) M[b * n + a] /= s[a];
-                    else M[a * n + b] /= s[a];
-                }
-            if (trace_P) {
-                int h = 2 * it + half;
-                for (int q = 0; q < nn; q++) trace_P[(size_t)(h + 1) * nn + q] = M[q];
-                for (int a = 0; a < n; a++) trace_s[(size_t)h * n + a] = s[a];
-            }
+    if (trace_P) for (int q = 0; q < nn; q++) trace_P[(size_t)q * stride] = M[q];
+    for (int it = 0; it < iters; it++) {
+        float s[n];
+#pragma unroll
+        for (int a = 0; a < n; a++) {   // columns
+            float sum = 0.0f;
+#pragma unroll
+            for (int b = 0; b < n; b++) sum += M[b * n + a];
+            s[a] = sum;
+            float inv = 1.0f / sum;
+#pragma unroll
+            for (int b = 0; b < n; b++) M[b * n + a] *= inv;
         }
+        if (trace_P) {
+#pragma unroll
+            for (int q = 0; q < nn; q++) trace_P[((size_t)(2 * it + 1) * nn + q) * stride] = M[q];
+#pragma unroll
+            for (int a = 0; a < n; a++) trace_s[((size_t)(2 * it) * n + a) * stride] = s[a];
+        }
+#pragma unroll
+        for (int a = 0; a < n; a++) {   // rows
+            float sum = 0.0f;
+#pragma unroll
+            for (int b = 0; b < n; b++) sum += M[a * n + b];
+            s[a] = sum;
+            float inv = 1.0f / sum;
+#pragma unroll
+            for (int b = 0; b < n; b++) M[a * n + b] *= inv;
+        }
+        if (trace_P) {
+#pragma unroll
+            for (int q = 0; q < nn; q++) trace_P[((size_t)(2 * it + 2) * nn + q) * stride] = M[q];
+#pragma unroll
+            for (int a = 0; a < n; a++) trace_s[((size_t)(2 * it + 1) * n + a) * stride] = s[a];
+        }
+    }
+#pragma unroll
     for (int q = 0; q < nn; q++) out[q] = M[q];
 }
 
-__global__ void mhc_coeffs_forward_kernel(float *pre, float *post, float *res, float *rms, float *z, const floatX *H,
-                                          const float *phi, const float *bias, const float *alpha, int n, int C, int iters) {
-    int bt = blockIdx.x, m = n * n + 2 * n, nC = n * C;
+// rms of vec(H) per token, one warp each
+__global__ void rms_kernel(float *rms, const floatX *H, int BT, int nC) {
+    int bt = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (bt >= BT) return;
     const floatX *x = H + (size_t)bt * nC;
-    float acc[MAX_STREAMS * MAX_STREAMS + 2 * MAX_STREAMS], ss = 0.0f;
-    for (int k = 0; k < m; k++) acc[k] = 0.0f;
-    for (int q = threadIdx.x; q < nC; q += blockDim.x) {
-        float xv = tof(x[q]);
-        ss += xv * xv;
-        const float *ph = phi + (size_t)q * m;
-        for (int k = 0; k < m; k++) acc[k] += xv * ph[k];
-    }
-    __shared__ float zs[MAX_STREAMS * MAX_STREAMS + 2 * MAX_STREAMS];
-    float r = sqrtf(block_sum(ss) / nC + 1e-6f);
-    for (int k = 0; k < m; k++) {
-        float s = block_sum(acc[k]);
-        if (threadIdx.x == 0) zs[k] = s / r;
-    }
-    if (threadIdx.x == 0) {
-        rms[bt] = r;
-        for (int k = 0; k < m; k++) z[(size_t)bt * m + k] = zs[k];
-        for (int i = 0; i < n; i++) {
-            pre[(size_t)bt * n + i] = 1.0f / (1.0f + expf(-(alpha[0] * zs[i] + bias[i])));
-            post[(size_t)bt * n + i] = 2.0f / (1.0f + expf(-(alpha[1] * zs[n + i] + bias[n + i])));
-        }
-        float X[MAX_STREAMS * MAX_STREAMS];
-        for (int q = 0; q < n * n; q++) X[q] = alpha[2] * zs[2 * n + q] + bias[2 * n + q];
-        sinkhorn_fwd_dev(res + (size_t)bt * n * n, X, n, iters, NULL, NULL);
-    }
+    float ss = 0.0f;
+    for (int q = lane; q < nC; q += 32) { float v = tof(x[q]); ss += v * v; }
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
+    if (lane == 0) rms[bt] = sqrtf(ss / nC + 1e-6f);
 }
 
-// per token: logit gradients g (m), dp = alpha g / r (m, for dphi), small rows [g | g*z by alpha]
-// for dbias/dalpha, and dH += phi dp + dr x / (nC r). work: per-token Sinkhorn trace
-__global__ void mhc_coeffs_backward_kernel(floatX *dH, float *dp_out, float *rows, float *work, const float *dpre, const float *dpost,
-                                           const float *dres, const floatX *H, const float *pre, const float *post, const float *rms,
-                                           const float *z, const float *phi, const float *bias, const float *alpha,
-                                           int n, int C, int iters, size_t work_per) {
-    int bt = blockIdx.x, m = n * n + 2 * n, nC = n * C, nn = n * n;
-    __shared__ float dps[MAX_STREAMS * MAX_STREAMS + 2 * MAX_STREAMS];
-    __shared__ float drs;
+// per token (one thread, so a warp works on 32 tokens): z = p / r from the GEMM's
+// p = vec(H) @ phi, the sigmoid gates and Sinkhorn-Knopp in fp32
+template <int N>
+__global__ void mhc_coeffs_forward_kernel(float *pre, float *post, float *res, const float *rms, float *z, const float *p,
+                                          const float *bias, const float *alpha, int BT, int n_rt, int iters) {
+    constexpr int n = N, m = N * N + 2 * N;
+    int bt = blockIdx.x * blockDim.x + threadIdx.x;
+    if (bt >= BT) return;
+    float r = rms[bt], zs[m];
+#pragma unroll
+    for (int k = 0; k < m; k++) { zs[k] = p[(size_t)bt * m + k] / r; z[(size_t)bt * m + k] = zs[k]; }
+#pragma unroll
+    for (int i = 0; i < n; i++) {
+        pre[(size_t)bt * n + i] = 1.0f / (1.0f + expf(-(alpha[0] * zs[i] + bias[i])));
+        post[(size_t)bt * n + i] = 2.0f / (1.0f + expf(-(alpha[1] * zs[n + i] + bias[n + i])));
+    }
+    float X[n * n];
+#pragma unroll
+    for (int q = 0; q < n * n; q++) X[q] = alpha[2] * zs[2 * n + q] + bias[2 * n + q];
+    float out[n * n];
+    sinkhorn_fwd_dev<N>(out, X, iters, NULL, NULL, 0);
+#pragma unroll
+    for (int q = 0; q < n * n; q++) res[(size_t)bt * n * n + q] = out[q];
+}
+
+// per token (one thread): logit gradients g through the gates and Sinkhorn (iterations
+// recomputed in this thread's local memory), dp = alpha g / r (fp32 and floatX, for the two
+// GEMMs), kx = dr / (nC r) for the rms term, and a row [g | g.z per alpha] for dbias/dalpha
+#define SK_MAX_ITERS 64
+template <int N>
+__global__ void mhc_coeffs_backward_kernel(floatX *dpx_out, float *kx_out, float *rows, const float *dpre, const float *dpost,
+                                           const float *dres, const float *pre, const float *post, const float *rms, const float *z,
+                                           const float *bias, const float *alpha, int BT, int n_rt, int C, int iters, float *work, size_t work_per) {
+    constexpr int n = N;   // streams as a compile-time constant: loops unroll, arrays stay in registers
+    int bt = blockIdx.x * blockDim.x + threadIdx.x;
+    if (bt >= BT) return;
+    constexpr int m = n * n + 2 * n, nn = n * n;
     const float *zz = z + (size_t)bt * m;
-    float r = rms[bt];
-    if (threadIdx.x == 0) {
-        float g[MAX_STREAMS * MAX_STREAMS + 2 * MAX_STREAMS];
-        for (int i = 0; i < n; i++) {
-            float s = pre[(size_t)bt * n + i], p2 = post[(size_t)bt * n + i];
-            g[i] = dpre[(size_t)bt * n + i] * s * (1.0f - s);
-            g[n + i] = dpost[(size_t)bt * n + i] * p2 * (1.0f - 0.5f * p2);
-        }
-        float X[MAX_STREAMS * MAX_STREAMS], out[MAX_STREAMS * MAX_STREAMS], d[MAX_STREAMS * MAX_STREAMS];
-        for (int q = 0; q < nn; q++) X[q] = alpha[2] * zz[2 * n + q] + bias[2 * n + q];
-        float *P = work + (size_t)bt * work_per, *S = P + (size_t)(2 * iters + 1) * nn;
-        sinkhorn_fwd_dev(out, X, n, iters, P, S);
-        for (int q = 0; q < nn; q++) d[q] = dres[(size_t)bt * nn + q];
-        for (int h = 2 * iters - 1; h >= 0; h--) {
-            const float *Ph = P + (size_t)(h + 1) * nn, *s = S + (size_t)h * n;
-            int rowstep = h % 2;
+    float r = rms[bt], g[MAX_RED];
+    for (int i = 0; i < n; i++) {
+        float sg = pre[(size_t)bt * n + i], p2 = post[(size_t)bt * n + i];
+        g[i] = dpre[(size_t)bt * n + i] * sg * (1.0f - sg);
+        g[n + i] = dpost[(size_t)bt * n + i] * p2 * (1.0f - 0.5f * p2);
+    }
+    float X[MAX_STREAMS * MAX_STREAMS], out[MAX_STREAMS * MAX_STREAMS], d[MAX_STREAMS * MAX_STREAMS];
+    for (int q = 0; q < nn; q++) X[q] = alpha[2] * zz[2 * n + q] + bias[2 * n + q];
+    // this token's trace: element e at work[e * BT + bt] (coalesced across the warp)
+    float *P = work + bt, *S = work + (size_t)(2 * iters + 1) * nn * BT + bt;
+    sinkhorn_fwd_dev<N>(out, X, iters, P, S, BT);
+    for (int q = 0; q < nn; q++) d[q] = dres[(size_t)bt * nn + q];
+    for (int h = 2 * iters - 1; h >= 0; h--) {
+        float Ph[nn], sv[n];
+#pragma unroll
+        for (int q = 0; q < nn; q++) Ph[q] = P[((size_t)(h + 1) * nn + q) * BT];
+#pragma unroll
+        for (int a = 0; a < n; a++) sv[a] = S[((size_t)h * n + a) * BT];
+        if (h % 2) {   // a row normalization
+#pragma unroll
             for (int a = 0; a < n; a++) {
                 float dot = 0.0f;
-                for (int b = 0; b < n; b++) { int q = rowstep ? a * n + b : b * n + a; dot += d[q] * Ph[q]; }
-                for (int b = 0; b < n; b++) { int q = rowstep ? a * n + b : b * n + a; d[q] = (d[q] - dot) / s[a]; }
+#pragma unroll
+                for (int b = 0; b < n; b++) dot += d[a * n + b] * Ph[a * n + b];
+#pragma unroll
+                for (int b = 0; b < n; b++) d[a * n + b] = (d[a * n + b] - dot) / sv[a];
+            }
+        } else {       // a column normalization
+#pragma unroll
+            for (int a = 0; a < n; a++) {
+                float dot = 0.0f;
+#pragma unroll
+                for (int b = 0; b < n; b++) dot += d[b * n + a] * Ph[b * n + a];
+#pragma unroll
+                for (int b = 0; b < n; b++) d[b * n + a] = (d[b * n + a] - dot) / sv[a];
             }
         }
-        for (int q = 0; q < nn; q++) g[2 * n + q] = d[q] * P[q];
-        float dr = 0.0f, ga[3] = {0, 0, 0};
-        float *row = rows + (size_t)bt * (m + 3);
-        for (int k = 0; k < m; k++) {
-            int w = k < n ? 0 : k < 2 * n ? 1 : 2;
-            float dz = alpha[w] * g[k];
-            dps[k] = dz / r;
-            dr -= dz * zz[k] / r;
-            row[k] = g[k];
-            ga[w] += g[k] * zz[k];
-        }
-        for (int w = 0; w < 3; w++) row[m + w] = ga[w];
-        for (int k = 0; k < m; k++) dp_out[(size_t)bt * m + k] = dps[k];
-        drs = dr;
     }
-    __syncthreads();
-    const floatX *x = H + (size_t)bt * nC;
-    floatX *dx = dH + (size_t)bt * nC;
-    float kx = drs / (nC * r);
-    for (int q = threadIdx.x; q < nC; q += blockDim.x) {
-        const float *ph = phi + (size_t)q * m;
-        float s = kx * tof(x[q]);
-        for (int k = 0; k < m; k++) s += ph[k] * dps[k];
-        dx[q] = tox(tof(dx[q]) + s);
+#pragma unroll
+    for (int q = 0; q < nn; q++) g[2 * n + q] = d[q] * P[(size_t)q * BT];
+    float dr = 0.0f, ga[3] = {0, 0, 0};
+    float *row = rows + (size_t)bt * (m + 3);
+    for (int k = 0; k < m; k++) {
+        int w = k < n ? 0 : k < 2 * n ? 1 : 2;
+        float dz = alpha[w] * g[k];
+        dpx_out[(size_t)bt * m + k] = tox(dz / r);
+        dr -= dz * zz[k] / r;
+        row[k] = g[k];
+        ga[w] += g[k] * zz[k];
     }
+    for (int w = 0; w < 3; w++) row[m + w] = ga[w];
+    kx_out[bt] = dr / ((float)(n * C) * r);   // d r / d x = x / (nC r)
 }
 
-// dphi[q][k] += sum over a chunk of tokens of x[bt][q] dp[bt][k]; then chunks summed in order
-__global__ void mhc_dphi_partial_kernel(float *partial, const floatX *H, const float *dp, int BT, int nC, int m, int chunk) {
-    int q = blockIdx.x * blockDim.x + threadIdx.x, ch = blockIdx.y;
+// dH += kx[token] * H (the rms term of dx); grid (tokens, chunks of nC): no index division
+__global__ void mhc_rms_backward_kernel(floatX *dH, const floatX *H, const float *kx, int nC) {
+    int bt = blockIdx.x, q = blockIdx.y * blockDim.x + threadIdx.x;
     if (q >= nC) return;
-    float acc[MAX_STREAMS * MAX_STREAMS + 2 * MAX_STREAMS];
-    for (int k = 0; k < m; k++) acc[k] = 0.0f;
-    int b1 = min(BT, (ch + 1) * chunk);
-    for (int bt = ch * chunk; bt < b1; bt++) {
-        float xv = tof(H[(size_t)bt * nC + q]);
-        for (int k = 0; k < m; k++) acc[k] += xv * dp[(size_t)bt * m + k];
-    }
-    for (int k = 0; k < m; k++) partial[((size_t)ch * nC + q) * m + k] = acc[k];
+    size_t i = (size_t)bt * nC + q;
+    dH[i] = tox(tof(dH[i]) + kx[bt] * tof(H[i]));
 }
 
 __global__ void sum_chunks_kernel(float *out, const float *partial, size_t N, int nchunks) {
@@ -755,19 +929,17 @@ __global__ void mhc_small_scatter_kernel(float *dbias, float *dalpha, const floa
 
 // reduce the streams: h = sum_i H_i ; and its backward dH_i += dh
 __global__ void stream_sum_kernel(floatX *h, const floatX *H, int BT, int n, int C) {
-    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (size_t)BT * C) return;
-    int bt = idx / C, c = idx % C;
+    int bt = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= C) return;
     float s = 0.0f;
     for (int i = 0; i < n; i++) s += tof(H[((size_t)bt * n + i) * C + c]);
-    h[idx] = tox(s);
+    h[(size_t)bt * C + c] = tox(s);
 }
 
 __global__ void stream_sum_backward_kernel(floatX *dH, const floatX *dh, int BT, int n, int C) {
-    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (size_t)BT * C) return;
-    int bt = idx / C, c = idx % C;
-    for (int i = 0; i < n; i++) dH[((size_t)bt * n + i) * C + c] = dh[idx];
+    int bt = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    for (int i = 0; i < n; i++) dH[((size_t)bt * n + i) * C + c] = dh[(size_t)bt * C + c];
 }
 
 // AdamW on fp32 master weights, then the floatX copy
@@ -866,6 +1038,8 @@ typedef struct {
     size_t num_actx, num_actf;
     int batch_size, seq_len, last_B, last_T;
     int *inputs, *targets;            // device
+    int *host_inputs;                 // the last forward's tokens
+    int *bucket_count, *host_buckets, *buckets;   // token-id buckets for the wte backward
     float *host_losses, *host_res;
     float mean_loss;
 } GPTHC;
@@ -995,6 +1169,10 @@ void gpt_ensure_activations(GPTHC *model, int B, int T) {
     cudaCheck(cudaMalloc(&model->inputs, (size_t)B * T * sizeof(int)));
     cudaCheck(cudaMalloc(&model->targets, (size_t)B * T * sizeof(int)));
     model->host_losses = (float *)mallocCheck((size_t)B * T * sizeof(float));
+    model->host_inputs = (int *)mallocCheck((size_t)B * T * sizeof(int));
+    model->bucket_count = (int *)callocCheck(model->config.vocab_size + 1, sizeof(int));
+    model->host_buckets = (int *)mallocCheck((3 * (size_t)B * T + 1) * sizeof(int));
+    cudaCheck(cudaMalloc(&model->buckets, (3 * (size_t)B * T + 1) * sizeof(int)));
 }
 
 static void sublayer_forward(GPTHC *model, int k, const floatX *u, int B, int T) {
@@ -1005,15 +1183,21 @@ static void sublayer_forward(GPTHC *model, int k, const floatX *u, int B, int T)
     float *mean = a->ln_mean + k * BT, *rstd = a->ln_rstd + k * BT;
     if (k % 2 == 0) {
         floatX *qkv = a->qkv + l * BT * 3 * C, *atty = a->atty + l * BT * C, *att = a->att + l * B * NH * T * T;
-        layernorm_forward_kernel<<<BT, 256>>>(ln, mean, rstd, u, px(model, P_LN1W) + l * C, px(model, P_LN1B) + l * C, C);
+        {
+            ProfScope prof_ln(PROF_NORM);
+            layernorm_forward_kernel<<<BT, 256>>>(ln, mean, rstd, u, px(model, P_LN1W) + l * C, px(model, P_LN1B) + l * C, C);
         kernelCheck();
+        }
         matmul_forward(qkv, ln, px(model, P_QKVW) + l * 3 * C * C, px(model, P_QKVB) + l * 3 * C, BT, C, 3 * C);
         attention_forward(atty, att, qkv, B, T, C, NH);
         matmul_forward(y, atty, px(model, P_ATTPROJW) + l * C * C, px(model, P_ATTPROJB) + l * C, BT, C, C);
     } else {
         floatX *fch = a->fch + l * BT * 4 * C, *fchg = a->fch_gelu + l * BT * 4 * C;
-        layernorm_forward_kernel<<<BT, 256>>>(ln, mean, rstd, u, px(model, P_LN2W) + l * C, px(model, P_LN2B) + l * C, C);
+        {
+            ProfScope prof_ln(PROF_NORM);
+            layernorm_forward_kernel<<<BT, 256>>>(ln, mean, rstd, u, px(model, P_LN2W) + l * C, px(model, P_LN2B) + l * C, C);
         kernelCheck();
+        }
         matmul_forward(fch, ln, px(model, P_FCW) + l * 4 * C * C, px(model, P_FCB) + l * 4 * C, BT, C, 4 * C);
         gelu_forward_kernel<<<ceil_div(BT * 4 * C, 256), 256>>>(fchg, fch, BT * 4 * C);
         kernelCheck();
@@ -1037,10 +1221,13 @@ static void sublayer_backward(GPTHC *model, int k, floatX *du, const floatX *dy,
         attention_backward(dqkv, datty, qkv, att, B, T, C, NH);
         matmul_backward(dln, g->qkvw + l * 3 * C * C, g->qkvb + l * 3 * C, dqkv, ln, px(model, P_QKVW) + l * 3 * C * C, BT, C, 3 * C);
         dwrows = (float *)dscratch(2, BT * C * sizeof(float));
-        layernorm_backward_kernel<<<BT, 256>>>(du, dwrows, dln, u, px(model, P_LN1W) + l * C, mean, rstd, C);
+        {
+            ProfScope prof_ln(PROF_NORM);
+            layernorm_backward_kernel<<<BT, 256>>>(du, dwrows, dln, u, px(model, P_LN1W) + l * C, mean, rstd, C);
         kernelCheck();
         colsum(g->ln1w + l * C, dwrows, BT, C);
         colsum(g->ln1b + l * C, dln, BT, C);
+        }
     } else {
         floatX *fch = a->fch + l * BT * 4 * C, *fchg = a->fch_gelu + l * BT * 4 * C;
         floatX *dfch = ga->fch + l * BT * 4 * C, *dfchg = ga->fch_gelu + l * BT * 4 * C;
@@ -1049,14 +1236,18 @@ static void sublayer_backward(GPTHC *model, int k, floatX *du, const floatX *dy,
         kernelCheck();
         matmul_backward(dln, g->fcw + l * 4 * C * C, g->fcb + l * 4 * C, dfch, ln, px(model, P_FCW) + l * 4 * C * C, BT, C, 4 * C);
         dwrows = (float *)dscratch(2, BT * C * sizeof(float));
-        layernorm_backward_kernel<<<BT, 256>>>(du, dwrows, dln, u, px(model, P_LN2W) + l * C, mean, rstd, C);
+        {
+            ProfScope prof_ln(PROF_NORM);
+            layernorm_backward_kernel<<<BT, 256>>>(du, dwrows, dln, u, px(model, P_LN2W) + l * C, mean, rstd, C);
         kernelCheck();
         colsum(g->ln2w + l * C, dwrows, BT, C);
         colsum(g->ln2b + l * C, dln, BT, C);
+        }
     }
 }
 
 static void hc_coeffs_forward(GPTHC *model, int k, const floatX *Hk, int BT) {
+    ProfScope prof(PROF_HC_COEF);
     const GPTHCConfig *c = &model->config;
     ParameterTensors *p = &model->params;
     ActivationTensors *a = &model->acts;
@@ -1065,20 +1256,28 @@ static void hc_coeffs_forward(GPTHC *model, int k, const floatX *Hk, int BT) {
     if (c->mode == MODE_SHC) {
         shc_coeffs_forward_kernel<<<ceil_div(BT, 128), 128>>>(pre, post, res, p->hc_A + (size_t)k * n * (n + 1), p->hc_b + (size_t)k * n, BT, n);
     } else if (c->mode == MODE_DHC) {
-        dhc_coeffs_forward_kernel<<<BT * n, 128>>>(pre, post, res, a->hcn_mean + (size_t)k * BT * n, a->hcn_rstd + (size_t)k * BT * n,
+        DISPATCH_N(n, dhc_coeffs_forward_kernel, ceil_div((size_t)BT * n, 4), 128, pre, post, res, a->hcn_mean + (size_t)k * BT * n, a->hcn_rstd + (size_t)k * BT * n,
                                                   a->hc_ta + (size_t)k * BT * n * (n + 1), a->hc_tb + (size_t)k * BT * n, Hk,
                                                   p->hc_A + (size_t)k * n * (n + 1), p->hc_b + (size_t)k * n, p->hc_lnw + (size_t)k * C,
                                                   p->hc_lnb + (size_t)k * C, p->hc_Wa + (size_t)k * C * (n + 1), p->hc_Wb + (size_t)k * C,
-                                                  p->hc_sa + k, p->hc_sb + k, n, C);
+                                                  p->hc_sa + k, p->hc_sb + k, BT * n, C);
     } else {
-        mhc_coeffs_forward_kernel<<<BT, 256>>>(pre, post, res, a->mhc_rms + (size_t)k * BT, a->mhc_z + (size_t)k * BT * m, Hk,
-                                               p->mhc_phi + (size_t)k * n * C * m, p->mhc_bias + (size_t)k * m, p->mhc_alpha + k * 3,
-                                               n, C, c->sinkhorn_iters);
+        // p = vec(H) @ phi for all tokens: one GEMM (BT x nC) @ (nC x m), fp32 out
+        int nC = n * C;
+        float *pbuf = (float *)dscratch(0, (size_t)BT * m * sizeof(float));
+        const float one = 1.0f, zero = 0.0f;
+        cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_N, m, BT, nC, &one, px(model, P_MHC_PHI) + (size_t)k * nC * m, CUBLAS_X, m,
+                                 Hk, CUBLAS_X, nC, &zero, pbuf, CUDA_R_32F, m, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        rms_kernel<<<ceil_div(BT, 4), 128>>>(a->mhc_rms + (size_t)k * BT, Hk, BT, nC);
+        kernelCheck();
+        DISPATCH_N(n, mhc_coeffs_forward_kernel, ceil_div(BT, 128), 128, pre, post, res, a->mhc_rms + (size_t)k * BT,
+                   a->mhc_z + (size_t)k * BT * m, pbuf, p->mhc_bias + (size_t)k * m, p->mhc_alpha + k * 3, BT, n, c->sinkhorn_iters);
     }
     kernelCheck();
 }
 
 static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *Hk, int BT) {
+    ProfScope prof(PROF_HC_COEF);
     const GPTHCConfig *c = &model->config;
     ParameterTensors *p = &model->params, *g = &model->grads;
     ActivationTensors *a = &model->acts, *ga = &model->grads_acts;
@@ -1088,19 +1287,22 @@ static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *H
     if (c->mode == MODE_SHC || c->mode == MODE_DHC) {
         int dyn = c->mode == MODE_DHC, w = n * n1 + n + 2;
         if (dyn) {
-            int R = BT * n, chunk = (R + COLSUM_CHUNKS - 1) / COLSUM_CHUNKS;
+            // the per-channel parameter grads reduce over all BT*n rows: many chunks keep the SMs busy
+            const int DHC_CHUNKS = 256;
+            int R = BT * n, chunk = (R + DHC_CHUNKS - 1) / DHC_CHUNKS;
             float *gbuf = (float *)dscratch(0, (size_t)R * (n + 2) * sizeof(float));
-            dhc_coeffs_backward_kernel<<<R, 128>>>(dHk, gbuf, dpre, dpost, dres, Hk, a->hcn_mean + o1, a->hcn_rstd + o1,
+            DISPATCH_N(n, dhc_coeffs_backward_kernel, ceil_div(R, 4), 128, dHk, gbuf, dpre, dpost, dres, Hk, a->hcn_mean + o1, a->hcn_rstd + o1,
                                                    a->hc_ta + (size_t)k * BT * n1 * n, a->hc_tb + o1, p->hc_lnw + (size_t)k * C,
-                                                   p->hc_Wa + (size_t)k * C * n1, p->hc_Wb + (size_t)k * C, p->hc_sa + k, p->hc_sb + k, n, C);
+                                                   p->hc_Wa + (size_t)k * C * n1, p->hc_Wb + (size_t)k * C, p->hc_sa + k, p->hc_sb + k, R, C);
             kernelCheck();
-            float *partial = (float *)dscratch(1, (size_t)COLSUM_CHUNKS * C * (n + 4) * sizeof(float));
-            dhc_param_partial_kernel<<<dim3(ceil_div(C, 128), COLSUM_CHUNKS), 128>>>(partial, gbuf, Hk, a->hcn_mean + o1, a->hcn_rstd + o1,
+            float *partial = (float *)dscratch(1, (size_t)DHC_CHUNKS * C * (n + 4) * sizeof(float));
+            DISPATCH_N(n, dhc_param_partial_kernel, dim3(ceil_div(C, 128), DHC_CHUNKS), 128, partial, gbuf, Hk, a->hcn_mean + o1, a->hcn_rstd + o1,
                                                                                    p->hc_lnw + (size_t)k * C, p->hc_lnb + (size_t)k * C,
                                                                                    p->hc_Wa + (size_t)k * C * n1, p->hc_Wb + (size_t)k * C, R, n, C, chunk);
             kernelCheck();
-            dhc_param_finish_kernel<<<ceil_div(C, 128), 128>>>(g->hc_Wa + (size_t)k * C * n1, g->hc_Wb + (size_t)k * C, g->hc_lnw + (size_t)k * C,
-                                                              g->hc_lnb + (size_t)k * C, partial, n, C, COLSUM_CHUNKS);
+            dhc_param_finish_kernel<<<ceil_div((size_t)C * (n + 4), 256), 256>>>(g->hc_Wa + (size_t)k * C * n1, g->hc_Wb + (size_t)k * C,
+                                                                                 g->hc_lnw + (size_t)k * C, g->hc_lnb + (size_t)k * C,
+                                                                                 partial, n, C, DHC_CHUNKS);
             kernelCheck();
         }
         float *rows = (float *)dscratch(2, (size_t)BT * w * sizeof(float));
@@ -1117,19 +1319,24 @@ static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *H
         int nC = n * C, iters = c->sinkhorn_iters;
         size_t work_per = (size_t)(2 * iters + 1) * n * n + (size_t)2 * iters * n;
         float *work = (float *)dscratch(0, (size_t)BT * work_per * sizeof(float));
-        float *dp = (float *)dscratch(1, (size_t)BT * m * sizeof(float));
-        float *rows = (float *)dscratch(2, (size_t)BT * (m + 3) * sizeof(float));
-        mhc_coeffs_backward_kernel<<<BT, 256>>>(dHk, dp, rows, work, dpre, dpost, dres, Hk, a->pre + o1, a->post + o1, a->mhc_rms + (size_t)k * BT,
-                                                a->mhc_z + (size_t)k * BT * m, p->mhc_phi + (size_t)k * nC * m, p->mhc_bias + (size_t)k * m,
-                                                p->mhc_alpha + k * 3, n, C, iters, work_per);
+        float *kx = (float *)dscratch(1, (size_t)BT * sizeof(float));
+        float *rows = (float *)dscratch(2, (size_t)BT * (m + 3) * sizeof(float) + (size_t)BT * m * sizeof(floatX) + 256);
+        floatX *dpx = (floatX *)(rows + (size_t)BT * (m + 3));
+        DISPATCH_N(n, mhc_coeffs_backward_kernel, ceil_div(BT, 128), 128, dpx, kx, rows, dpre, dpost, dres, a->pre + o1, a->post + o1,
+                                                             a->mhc_rms + (size_t)k * BT, a->mhc_z + (size_t)k * BT * m,
+                                                             p->mhc_bias + (size_t)k * m, p->mhc_alpha + k * 3, BT, n, C, iters, work, work_per);
         kernelCheck();
-        int chunk = (BT + COLSUM_CHUNKS - 1) / COLSUM_CHUNKS;
-        float *partial = (float *)dscratch(0, (size_t)COLSUM_CHUNKS * nC * m * sizeof(float));
-        mhc_dphi_partial_kernel<<<dim3(ceil_div(nC, 128), COLSUM_CHUNKS), 128>>>(partial, Hk, dp, BT, nC, m, chunk);
+        const float one = 1.0f;
+        const floatX *phix = px(model, P_MHC_PHI) + (size_t)k * nC * m;
+        // dH += dp @ phi^T ; dphi += vec(H)^T @ dp (fp32 accumulate); measured with ncu, cuBLAS beat a
+        // chunked reduction kernel here (50 us vs 208 us per sublayer at d12)
+        cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_T, CUBLAS_OP_N, nC, BT, m, &one, phix, CUBLAS_X, m, dpx, CUBLAS_X, m,
+                                 &one, dHk, CUBLAS_X, nC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_T, m, nC, BT, &one, dpx, CUBLAS_X, m, Hk, CUBLAS_X, nC,
+                                 &one, g->mhc_phi + (size_t)k * nC * m, CUDA_R_32F, m, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        mhc_rms_backward_kernel<<<dim3(BT, ceil_div(nC, 256)), 256>>>(dHk, Hk, kx, nC);
         kernelCheck();
-        sum_chunks_kernel<<<ceil_div((size_t)nC * m, 256), 256>>>(g->mhc_phi + (size_t)k * nC * m, partial, (size_t)nC * m, COLSUM_CHUNKS);
-        kernelCheck();
-        float *sums = (float *)dscratch(1, (size_t)(m + 3) * sizeof(float) + 64);
+        float *sums = (float *)dscratch(0, (size_t)(m + 3) * sizeof(float) + 64);
         cudaCheck(cudaMemset(sums, 0, (m + 3) * sizeof(float)));
         colsum(sums, rows, BT, m + 3);
         mhc_small_scatter_kernel<<<1, 128>>>(g->mhc_bias + (size_t)k * m, g->mhc_alpha + k * 3, sums, m);
@@ -1150,9 +1357,10 @@ void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int
     model->last_T = T;
     size_t BT = (size_t)B * T, S = BT * n * C;
     cudaCheck(cudaMemcpy(model->inputs, inputs, BT * sizeof(int), cudaMemcpyHostToDevice));
+    memcpy(model->host_inputs, inputs, BT * sizeof(int));
     if (targets != NULL) cudaCheck(cudaMemcpy(model->targets, targets, BT * sizeof(int), cudaMemcpyHostToDevice));
     ActivationTensors *a = &model->acts;
-    encoder_forward_kernel<<<ceil_div(BT * C, 256), 256>>>(a->H, model->inputs, px(model, P_WTE), px(model, P_WPE), BT, T, C, n);
+    encoder_forward_kernel<<<dim3(BT, ceil_div(C, 256)), 256>>>(a->H, model->inputs, px(model, P_WTE), px(model, P_WPE), BT, T, C, n);
     kernelCheck();
     for (int k = 0; k < K; k++) {
         floatX *Hk = a->H + k * S, *Hn = a->H + (k + 1) * S, *y = a->y + k * BT * C;
@@ -1163,18 +1371,26 @@ void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int
         } else {
             floatX *u = a->u + k * BT * C;
             hc_coeffs_forward(model, k, Hk, BT);
-            hc_premix_forward_kernel<<<BT, 256>>>(u, Hk, a->pre + k * BT * n, n, C);
-            kernelCheck();
+            {
+                ProfScope prof(PROF_HC);
+                DISPATCH_N(n, hc_premix_forward_kernel, BT, MIX_THREADS, u, Hk, a->pre + k * BT * n, n, C);
+                kernelCheck();
+            }
             sublayer_forward(model, k, u, B, T);
-            hc_postmix_forward_kernel<<<BT, 256>>>(Hn, Hk, y, a->post + k * BT * n, a->res + k * BT * n * n, n, C);
+            ProfScope prof(PROF_HC);
+            DISPATCH_N(n, hc_postmix_forward_kernel, BT, MIX_THREADS, Hn, Hk, y, a->post + k * BT * n, a->res + k * BT * n * n, n, C);
             kernelCheck();
         }
     }
-    stream_sum_kernel<<<ceil_div(BT * C, 256), 256>>>(a->hsum, a->H + K * S, BT, n, C);
-    layernorm_forward_kernel<<<BT, 256>>>(a->lnf, a->lnf_mean, a->lnf_rstd, a->hsum, px(model, P_LNFW), px(model, P_LNFB), C);
+    stream_sum_kernel<<<dim3(BT, ceil_div(C, 256)), 256>>>(a->hsum, a->H + K * S, BT, n, C);
+    {
+        ProfScope prof_ln(PROF_NORM);
+        layernorm_forward_kernel<<<BT, 256>>>(a->lnf, a->lnf_mean, a->lnf_rstd, a->hsum, px(model, P_LNFW), px(model, P_LNFB), C);
     kernelCheck();
+    }
     matmul_forward(a->logits, a->lnf, px(model, P_WTE), NULL, BT, C, Vp);
     if (targets != NULL) {
+        ProfScope prof_cls(PROF_CLASSIFIER);
         classifier_kernel<<<BT, 512>>>(a->losses, NULL, a->logits, model->targets, 0.0f, V, Vp);
         kernelCheck();
         cudaCheck(cudaMemcpy(model->host_losses, a->losses, BT * sizeof(float), cudaMemcpyDeviceToHost));
@@ -1210,16 +1426,22 @@ void gpt_backward(GPTHC *model, float loss_scale) {
     ActivationTensors *a = &model->acts, *ga = &model->grads_acts;
     // only the stream-state gradients accumulate; everything else is written before it is read
     cudaCheck(cudaMemset(ga->H, 0, (size_t)(K + 1) * S * sizeof(floatX)));
-    classifier_kernel<<<BT, 512>>>(a->losses, ga->logits, a->logits, model->targets, loss_scale / (float)BT, V, Vp);
-    kernelCheck();
+    {
+        ProfScope prof_cls(PROF_CLASSIFIER);
+        classifier_kernel<<<BT, 512>>>(a->losses, ga->logits, a->logits, model->targets, loss_scale / (float)BT, V, Vp);
+        kernelCheck();
+    }
     matmul_backward(ga->lnf, g->wte, NULL, ga->logits, a->lnf, px(model, P_WTE), BT, C, Vp);
     float *dwrows = (float *)dscratch(2, BT * C * sizeof(float));
     cudaCheck(cudaMemset(ga->hsum, 0, BT * C * sizeof(floatX)));
-    layernorm_backward_kernel<<<BT, 256>>>(ga->hsum, dwrows, ga->lnf, a->hsum, px(model, P_LNFW), a->lnf_mean, a->lnf_rstd, C);
+    {
+        ProfScope prof_ln(PROF_NORM);
+        layernorm_backward_kernel<<<BT, 256>>>(ga->hsum, dwrows, ga->lnf, a->hsum, px(model, P_LNFW), a->lnf_mean, a->lnf_rstd, C);
     kernelCheck();
     colsum(g->lnfw, dwrows, BT, C);
     colsum(g->lnfb, ga->lnf, BT, C);
-    stream_sum_backward_kernel<<<ceil_div(BT * C, 256), 256>>>(ga->H + K * S, ga->hsum, BT, n, C);
+    }
+    stream_sum_backward_kernel<<<dim3(BT, ceil_div(C, 256)), 256>>>(ga->H + K * S, ga->hsum, BT, n, C);
     kernelCheck();
     for (int k = K - 1; k >= 0; k--) {
         floatX *Hk = a->H + k * S, *dHk = ga->H + k * S, *dHn = ga->H + (k + 1) * S;
@@ -1229,21 +1451,44 @@ void gpt_backward(GPTHC *model, float loss_scale) {
         } else {
             floatX *u = a->u + k * BT * C, *du = ga->u + k * BT * C, *dy = ga->y + k * BT * C;
             size_t o1 = k * BT * n, o2 = k * BT * n * n;
-            hc_postmix_backward_kernel<<<BT, 256>>>(dHk, dy, ga->post + o1, ga->res + o2, dHn, Hk, a->y + k * BT * C,
-                                                    a->post + o1, a->res + o2, n, C);
-            kernelCheck();
+            {
+                ProfScope prof(PROF_HC);
+                DISPATCH_N(n, hc_postmix_backward_kernel, ceil_div(BT, 4), 128, dHk, dy, ga->post + o1, ga->res + o2, dHn, Hk, a->y + k * BT * C,
+                           a->post + o1, a->res + o2, (int)BT, C);
+                kernelCheck();
+            }
             cudaCheck(cudaMemset(du, 0, BT * C * sizeof(floatX)));
             sublayer_backward(model, k, du, dy, u, B, T);
-            hc_premix_backward_kernel<<<BT, 256>>>(dHk, ga->pre + o1, du, Hk, a->pre + o1, n, C);
-            kernelCheck();
+            {
+                ProfScope prof(PROF_HC);
+                DISPATCH_N(n, hc_premix_backward_kernel, ceil_div(BT, 4), 128, dHk, ga->pre + o1, du, Hk, a->pre + o1, (int)BT, C);
+                kernelCheck();
+            }
             hc_coeffs_backward(model, k, dHk, Hk, BT);
         }
     }
-    encoder_backward_kernel<<<ceil_div(C, 128), 128>>>(g->wte, g->wpe, ga->H, model->inputs, BT, T, C, n);
+    // bucket the positions by token id (counting sort, stable): tokens[u], offsets[u..], positions
+    int *cnt = model->bucket_count, *hb = model->host_buckets, nu = 0;
+    for (size_t i = 0; i < BT; i++) cnt[model->host_inputs[i]]++;
+    int *toks = hb, *offs = hb + BT, *pos = hb + 2 * BT + 1;
+    for (size_t i = 0; i < BT; i++) {          // distinct tokens in order of first appearance
+        int t = model->host_inputs[i];
+        if (cnt[t] > 0) { toks[nu] = t; offs[nu + 1] = cnt[t]; cnt[t] = -(nu + 1); nu++; }
+    }
+    offs[0] = 0;
+    for (int u = 0; u < nu; u++) offs[u + 1] += offs[u];
+    for (int u = 0; u < nu; u++) cnt[toks[u]] = offs[u];   // next free slot of each bucket
+    for (size_t i = 0; i < BT; i++) pos[cnt[model->host_inputs[i]]++] = (int)i;
+    for (int u = 0; u < nu; u++) cnt[toks[u]] = 0;
+    cudaCheck(cudaMemcpy(model->buckets, hb, (3 * BT + 1) * sizeof(int), cudaMemcpyHostToDevice));
+    wte_backward_kernel<<<dim3(nu, ceil_div(C, 128)), 128>>>(g->wte, ga->H, model->buckets, model->buckets + BT,
+                                                            model->buckets + 2 * BT + 1, n, C);
+    wpe_backward_kernel<<<dim3(T, ceil_div(C, 128)), 128>>>(g->wpe, ga->H, B, T, n, C);
     kernelCheck();
 }
 
 float gpt_grad_norm(GPTHC *model) {
+    ProfScope prof(PROF_OPTIMIZER);
     int blocks = 2 * g_sms;
     double *partial = (double *)dscratch(3, blocks * sizeof(double));
     sumsq_partial_kernel<<<blocks, 1024>>>(partial, model->grads_memory, model->num_parameters);
@@ -1262,6 +1507,7 @@ void gpt_update(GPTHC *model, float lr, float beta1, float beta2, float eps, flo
         cudaCheck(cudaMemset(model->m_memory, 0, model->num_parameters * sizeof(float)));
         cudaCheck(cudaMemset(model->v_memory, 0, model->num_parameters * sizeof(float)));
     }
+    ProfScope prof(PROF_OPTIMIZER);
     model->moments_ready = 1;
     float bc1 = 1.0f - powf(beta1, (float)t), bc2 = 1.0f - powf(beta2, (float)t);
     size_t off = 0;
@@ -1276,6 +1522,7 @@ void gpt_update(GPTHC *model, float lr, float beta1, float beta2, float eps, flo
         }
         off += sz;
     }
+    cudaCheck(cudaDeviceSynchronize());   // so the host's step timer covers the whole step
 }
 
 void gpt_gains(GPTHC *model, int BT, double *fwd, double *bwd, double *cfwd, double *cbwd) {
@@ -1359,6 +1606,29 @@ void gpt_free(GPTHC *model) {
     free(model->host_v);
     free(model->host_losses);
     free(model->host_res);
+    free(model->host_inputs);
+    free(model->bucket_count);
+    free(model->host_buckets);
+    cudaFree(model->buckets);
+}
+
+// after training: peak GPU memory and, with GPT_HC_PROFILE=1, the time split per step
+static void gpt_print_report(GPTHC *model, int steps, double total_ms) {
+    printf("peak GPU memory in use: %.0f MiB\n", g_peak_used / 1048576.0);
+    if (prof_on() && steps > 0) {
+        double known = 0.0;
+        printf("time split per step (GPT_HC_PROFILE=1, synchronized scopes):\n");
+        for (int i = 0; i < PROF_N; i++) {
+            printf("  %-18s %8.2f ms  %5.1f%%\n", PROF_NAMES[i], g_prof_ms[i] / steps, 100.0 * g_prof_ms[i] / total_ms);
+            known += g_prof_ms[i];
+        }
+        printf("  %-18s %8.2f ms  %5.1f%%\n", "other kernels", (total_ms - known) / steps, 100.0 * (total_ms - known) / total_ms);
+    }
+}
+
+static void gpt_step_done(GPTHC *model, int timed) {
+    sample_memory();
+    if (!timed) for (int i = 0; i < PROF_N; i++) g_prof_ms[i] = 0.0;   // the warm-up step is not counted
 }
 
 static const char *gpt_device_description(void) {

@@ -4,7 +4,8 @@ the training loop, validation and diagnostics, sampling, checkpoints and exact r
 trainers give the same CLI and write the same files. It uses only this model interface:
   gpt_build_fresh, gpt_build_from_checkpoint, gpt_ensure_activations, gpt_forward (host token
   arrays; sets mean_loss), gpt_zero_grad, gpt_backward, gpt_grad_norm, gpt_update, gpt_gains,
-  gpt_sample, gpt_host_state, gpt_set_moments, gpt_free, gpt_device_description.
+  gpt_sample, gpt_host_state, gpt_set_moments, gpt_free, gpt_device_description, gpt_step_done,
+  gpt_print_report.
 */
 #ifndef GPT_HC_TRAIN_MAIN_H
 #define GPT_HC_TRAIN_MAIN_H
@@ -183,7 +184,7 @@ int main(int argc, char **argv) {
 
     DataLoader train_loader, val_loader;
     dataloader_init(&train_loader, train_pattern, B, T, c->vocab_size);
-    dataloader_init(&val_loader, val_pattern, B, T, c->vocab_size);
+    if (val_every > 0) dataloader_init(&val_loader, val_pattern, B, T, c->vocab_size);   // -v 0: no val set needed
     int64_t train_tokens = 0;
     for (int s = 0; s < train_loader.num_shards; s++) {
         FILE *fp = fopenCheck(train_loader.glob_result.gl_pathv[s], "rb");
@@ -294,6 +295,7 @@ int main(int argc, char **argv) {
         clock_gettime(CLOCK_MONOTONIC, &t1);
         double dt = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
         if (step > start_step) { total_time += dt; timed_steps++; }   // the first step warms caches
+        gpt_step_done(&model, step > start_step);
         double avg = timed_steps > 0 ? total_time / timed_steps : dt;
         char eta[32];
         format_eta(eta, sizeof eta, avg * (max_steps - step - 1));
@@ -305,10 +307,11 @@ int main(int argc, char **argv) {
             save_checkpoint(&model, out_dir, step + 1, &train_loader, sample_rng);
     }
     if (timed_steps > 0) printf("average step %.1f ms, %.0f tok/s\n", total_time / timed_steps * 1000, total_batch * timed_steps / total_time);
+    gpt_print_report(&model, timed_steps, total_time * 1000);
     if (logf) fclose(logf);
     free(gains);
     dataloader_free(&train_loader);
-    dataloader_free(&val_loader);
+    if (val_every > 0) dataloader_free(&val_loader);
     tokenizer_free(&tokenizer);
     gpt_free(&model);
     return 0;
