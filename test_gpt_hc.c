@@ -418,7 +418,7 @@ static void test_cli(void) {
     snprintf(cmd, sizeof cmd, "%s %s -e %s/trunc_model.bin", base, b, dir); expect_error("truncated checkpoint", cmd, "truncated");
     snprintf(cmd, sizeof cmd, "%s %s -e %s/ok_val_000000.bin", base, b, dir); expect_error("shard given as checkpoint", cmd, "bad magic");
     snprintf(cmd, sizeof cmd, "%s %s -e %s/nonexistent.bin", base, b, dir); expect_error("missing checkpoint", cmd, "cannot open");
-    snprintf(cmd, sizeof cmd, "%s %s -e d99", base, b); expect_error("depth out of range", cmd, "out of range");
+    snprintf(cmd, sizeof cmd, "%s %s -e d99", base, b); expect_error("depth out of range", cmd, "out of range 1..72");
     char bad[4096];
     snprintf(bad, sizeof bad, "%s/bad_version.bin", dir); copy_with_int(a, bad, 1, 9);
     snprintf(cmd, sizeof cmd, "%s %s -e %s", base, b, bad); expect_error("checkpoint version", cmd, "unsupported checkpoint version");

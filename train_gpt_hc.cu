@@ -60,6 +60,12 @@ static cublasHandle_t g_cublas;
 static int g_sms = 1;
 
 __device__ __forceinline__ float tof(floatX x) { return (float)x; }
+
+// 16-byte vectors of floatX for the memory-bound stream kernels (8 bf16 or 4 fp32 values)
+#define X128 ((int)(16 / sizeof(floatX)))
+struct alignas(16) x128 { floatX v[16 / sizeof(floatX)]; };
+__device__ __forceinline__ x128 load128(const floatX *p) { return *reinterpret_cast<const x128 *>(p); }
+__device__ __forceinline__ void store128(floatX *p, const x128 &v) { *reinterpret_cast<x128 *>(p) = v; }
 __device__ __forceinline__ floatX tox(float x) { return (floatX)x; }
 
 static inline unsigned ceil_div(size_t a, size_t b) { return (unsigned)((a + b - 1) / b); }
@@ -458,36 +464,58 @@ static void attention_backward(floatX *dqkv, const floatX *dout, const floatX *q
 // ----------------------------------------------------------------------------
 // Hyper-Connection mixing (one block per token), as hc_premix/hc_postmix in train_gpt_hc.c
 
+// The mixing kernels: one warp per token, each lane moving 16 bytes per access (C % X128 == 0)
+
+// u = sum_i pre[i] H_i
 template <int N>
-__global__ void hc_premix_forward_kernel(floatX *u, const floatX *H, const float *pre, int n_rt, int C) {
-    constexpr int n = N;   // streams as a compile-time constant: loops unroll, arrays stay in registers
-    int bt = blockIdx.x;
+__global__ void hc_premix_forward_kernel(floatX *u, const floatX *H, const float *pre, int BT, int C) {
+    constexpr int n = N;
+    int bt = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (bt >= BT) return;
     const floatX *h = H + (size_t)bt * n * C;
-    const float *p = pre + (size_t)bt * n;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-        float s = 0.0f;
-        for (int i = 0; i < n; i++) s += p[i] * tof(h[(size_t)i * C + c]);
-        u[(size_t)bt * C + c] = tox(s);
+    float p[n];
+#pragma unroll
+    for (int i = 0; i < n; i++) p[i] = pre[(size_t)bt * n + i];
+    for (int c = lane * X128; c < C; c += 32 * X128) {
+        float acc[X128];
+#pragma unroll
+        for (int e = 0; e < X128; e++) acc[e] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < n; i++) {
+            x128 hv = load128(h + (size_t)i * C + c);
+#pragma unroll
+            for (int e = 0; e < X128; e++) acc[e] += p[i] * tof(hv.v[e]);
+        }
+        x128 o;
+#pragma unroll
+        for (int e = 0; e < X128; e++) o.v[e] = tox(acc[e]);
+        store128(u + (size_t)bt * C + c, o);
     }
 }
 
-// dH += pre (x) du; dpre[i] = du . H_i. One warp per token: the n sums need shuffles only
+// dH += pre (x) du; dpre[i] = du . H_i
 template <int N>
 __global__ void hc_premix_backward_kernel(floatX *dH, float *dpre, const floatX *du, const floatX *H, const float *pre, int BT, int C) {
     constexpr int n = N;
     int bt = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (bt >= BT) return;
-    const floatX *h = H + (size_t)bt * n * C, *d = du + (size_t)bt * C;
+    const floatX *h = H + (size_t)bt * n * C;
     floatX *dh = dH + (size_t)bt * n * C;
     float acc[n], p[n];
 #pragma unroll
     for (int i = 0; i < n; i++) { acc[i] = 0.0f; p[i] = pre[(size_t)bt * n + i]; }
-    for (int c = lane; c < C; c += 32) {
-        float dv = tof(d[c]);
+    for (int c = lane * X128; c < C; c += 32 * X128) {
+        x128 dv = load128(du + (size_t)bt * C + c);
 #pragma unroll
         for (int i = 0; i < n; i++) {
-            acc[i] += dv * tof(h[(size_t)i * C + c]);
-            dh[(size_t)i * C + c] = tox(tof(dh[(size_t)i * C + c]) + p[i] * dv);
+            x128 hv = load128(h + (size_t)i * C + c), gv = load128(dh + (size_t)i * C + c);
+#pragma unroll
+            for (int e = 0; e < X128; e++) {
+                float d = tof(dv.v[e]);
+                acc[i] += d * tof(hv.v[e]);
+                gv.v[e] = tox(tof(gv.v[e]) + p[i] * d);
+            }
+            store128(dh + (size_t)i * C + c, gv);
         }
     }
 #pragma unroll
@@ -497,25 +525,38 @@ __global__ void hc_premix_backward_kernel(floatX *dH, float *dpre, const floatX 
     }
 }
 
+// H'_i = sum_j res[i][j] H_j + post[i] y
 template <int N>
-__global__ void hc_postmix_forward_kernel(floatX *Hout, const floatX *H, const floatX *y, const float *post, const float *res, int n_rt, int C) {
-    constexpr int n = N;   // streams as a compile-time constant: loops unroll, arrays stay in registers
-    int bt = blockIdx.x;
+__global__ void hc_postmix_forward_kernel(floatX *Hout, const floatX *H, const floatX *y, const float *post, const float *res, int BT, int C) {
+    constexpr int n = N;
+    int bt = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (bt >= BT) return;
     const floatX *h = H + (size_t)bt * n * C;
-    const float *r = res + (size_t)bt * n * n, *p = post + (size_t)bt * n;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-        float yv = tof(y[(size_t)bt * C + c]), hv[MAX_STREAMS];
-        for (int j = 0; j < n; j++) hv[j] = tof(h[(size_t)j * C + c]);
+    float r[n * n], p[n];
+#pragma unroll
+    for (int q = 0; q < n * n; q++) r[q] = res[(size_t)bt * n * n + q];
+#pragma unroll
+    for (int i = 0; i < n; i++) p[i] = post[(size_t)bt * n + i];
+    for (int c = lane * X128; c < C; c += 32 * X128) {
+        x128 yv = load128(y + (size_t)bt * C + c), hv[n];
+#pragma unroll
+        for (int j = 0; j < n; j++) hv[j] = load128(h + (size_t)j * C + c);
+#pragma unroll
         for (int i = 0; i < n; i++) {
-            float s = p[i] * yv;
-            for (int j = 0; j < n; j++) s += r[i * n + j] * hv[j];
-            Hout[((size_t)bt * n + i) * C + c] = tox(s);
+            x128 o;
+#pragma unroll
+            for (int e = 0; e < X128; e++) {
+                float sum = p[i] * tof(yv.v[e]);
+#pragma unroll
+                for (int j = 0; j < n; j++) sum += r[i * n + j] * tof(hv[j].v[e]);
+                o.v[e] = tox(sum);
+            }
+            store128(Hout + ((size_t)bt * n + i) * C + c, o);
         }
     }
 }
 
-// dH_j += sum_i res[i][j] dH'_i; dy = sum_i post[i] dH'_i (overwritten); dpost, dres written.
-// One warp per token: the n + n^2 sums need shuffles only
+// dH_j += sum_i res[i][j] dH'_i; dy = sum_i post[i] dH'_i (overwritten); dpost, dres written
 template <int N>
 __global__ void hc_postmix_backward_kernel(floatX *dH, floatX *dy, float *dpost, float *dres, const floatX *dHout, const floatX *H,
                                            const floatX *y, const float *post, const float *res, int BT, int C) {
@@ -530,26 +571,36 @@ __global__ void hc_postmix_backward_kernel(floatX *dH, floatX *dy, float *dpost,
     for (int i = 0; i < n; i++) p[i] = post[(size_t)bt * n + i];
 #pragma unroll
     for (int q = 0; q < n + n * n; q++) acc[q] = 0.0f;
-    for (int c = lane; c < C; c += 32) {
-        float yv = tof(y[(size_t)bt * C + c]), dv[n], hv[n], dyv = 0.0f;
+    for (int c = lane * X128; c < C; c += 32 * X128) {
+        x128 yv = load128(y + (size_t)bt * C + c), dv[n], hv[n], dyo;
 #pragma unroll
-        for (int i = 0; i < n; i++) { dv[i] = tof(d[(size_t)i * C + c]); hv[i] = tof(h[(size_t)i * C + c]); }
+        for (int i = 0; i < n; i++) { dv[i] = load128(d + (size_t)i * C + c); hv[i] = load128(h + (size_t)i * C + c); }
 #pragma unroll
-        for (int i = 0; i < n; i++) {
-            acc[i] += dv[i] * yv;
-            dyv += p[i] * dv[i];
+        for (int e = 0; e < X128; e++) {
+            float yy = tof(yv.v[e]), dyv = 0.0f;
 #pragma unroll
-            for (int j = 0; j < n; j++) acc[n + i * n + j] += dv[i] * hv[j];
+            for (int i = 0; i < n; i++) {
+                float di = tof(dv[i].v[e]);
+                acc[i] += di * yy;
+                dyv += p[i] * di;
+#pragma unroll
+                for (int j = 0; j < n; j++) acc[n + i * n + j] += di * tof(hv[j].v[e]);
+            }
+            dyo.v[e] = tox(dyv);
         }
+        store128(dy + (size_t)bt * C + c, dyo);
 #pragma unroll
         for (int j = 0; j < n; j++) {
-            float sum = 0.0f;
+            x128 gv = load128(dH + ((size_t)bt * n + j) * C + c);
 #pragma unroll
-            for (int i = 0; i < n; i++) sum += r[i * n + j] * dv[i];
-            size_t q = ((size_t)bt * n + j) * C + c;
-            dH[q] = tox(tof(dH[q]) + sum);
+            for (int e = 0; e < X128; e++) {
+                float sum = 0.0f;
+#pragma unroll
+                for (int i = 0; i < n; i++) sum += r[i * n + j] * tof(dv[i].v[e]);
+                gv.v[e] = tox(tof(gv.v[e]) + sum);
+            }
+            store128(dH + ((size_t)bt * n + j) * C + c, gv);
         }
-        dy[(size_t)bt * C + c] = tox(dyv);
     }
 #pragma unroll
     for (int q = 0; q < n + n * n; q++) {
@@ -560,12 +611,6 @@ __global__ void hc_postmix_backward_kernel(floatX *dH, floatX *dy, float *dpost,
         }
     }
 }
-
-// threads per token block of the mixing kernels: with C=768, 128 threads give each thread 6
-// channels, so the per-block reduction of n + n^2 sums is a smaller share of the work
-#ifndef MIX_THREADS
-#define MIX_THREADS 128
-#endif
 
 // launch KERNEL<n> for the model's expansion rate
 #define DISPATCH_N(n, KERNEL, GRID, BLOCK, ...)                                   \
@@ -1079,6 +1124,8 @@ static void gpt_upload_params(GPTHC *model) {
 
 static void gpt_allocate(GPTHC *model) {
     gpt_init_device();
+    if (model->config.channels % 8 != 0)   // 16-byte vector access in the stream kernels
+        die("the CUDA trainer needs channels to be a multiple of 8 (model has C = %d); use ./train_gpt_hc", model->config.channels);
     fill_param_sizes(model->param_sizes, &model->config);
     model->num_parameters = count_params(&model->config);
     size_t P = model->num_parameters;
@@ -1160,6 +1207,8 @@ void gpt_ensure_activations(GPTHC *model, int B, int T) {
     model->batch_size = B;
     model->seq_len = T;
     fill_activation_sizes(model->act_sizes_x, model->act_sizes_f, &model->config, B, T);
+    for (int i = 0; i < NUM_ACTX; i++) model->act_sizes_x[i] = (model->act_sizes_x[i] + 15) / 16 * 16;   // 16-byte aligned tensors
+    for (int i = 0; i < NUM_ACTF; i++) model->act_sizes_f[i] = (model->act_sizes_f[i] + 15) / 16 * 16;
     model->num_actx = model->num_actf = 0;
     for (int i = 0; i < NUM_ACTX; i++) model->num_actx += model->act_sizes_x[i];
     for (int i = 0; i < NUM_ACTF; i++) model->num_actf += model->act_sizes_f[i];
@@ -1373,12 +1422,12 @@ void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int
             hc_coeffs_forward(model, k, Hk, BT);
             {
                 ProfScope prof(PROF_HC);
-                DISPATCH_N(n, hc_premix_forward_kernel, BT, MIX_THREADS, u, Hk, a->pre + k * BT * n, n, C);
+                DISPATCH_N(n, hc_premix_forward_kernel, ceil_div(BT, 4), 128, u, Hk, a->pre + k * BT * n, (int)BT, C);
                 kernelCheck();
             }
             sublayer_forward(model, k, u, B, T);
             ProfScope prof(PROF_HC);
-            DISPATCH_N(n, hc_postmix_forward_kernel, BT, MIX_THREADS, Hn, Hk, y, a->post + k * BT * n, a->res + k * BT * n * n, n, C);
+            DISPATCH_N(n, hc_postmix_forward_kernel, ceil_div(BT, 4), 128, Hn, Hk, y, a->post + k * BT * n, a->res + k * BT * n * n, (int)BT, C);
             kernelCheck();
         }
     }

@@ -16,8 +16,9 @@ static void usage(void) {
         "data and model\n"
         "  -i <glob>   train shards (default data/tiny/tiny_train_*.bin)\n"
         "  -j <glob>   val shards (default data/tiny/tiny_val_*.bin)\n"
-        "  -e <init>   a checkpoint file, or dN for a fresh GPT-2 of depth N (C=64N, N heads,\n"
-        "              vocab 50257, max_seq_len 1024); default d4\n"
+        "  -e <init>   a checkpoint file, or dN for a fresh GPT-2 of depth N as in llm.c (d12 124M,\n"
+        "              d24 350M: C=1024, d36, d48; other N: C=64N, N heads; vocab 50257, max T 1024);\n"
+        "              default d4\n"
         "  -H <mode>   residual | shc | dhc | mhc (fresh models; default residual)\n"
         "  -E <n>      expansion rate: streams, 1..8 (default 4 for shc/dhc/mhc; residual is 1)\n"
         "  -K <iters>  Sinkhorn-Knopp iterations for mhc, 1..1000 (default 20)\n"
@@ -58,6 +59,19 @@ static float parse_float(const char *flag, const char *s, float lo, float hi) {
     if (*s == '\0' || *end != '\0' || v != v) die("flag %s wants a number, got '%s'", flag, s);
     if (v < lo || v > hi) die("flag %s = %g out of range [%g, %g]", flag, v, lo, hi);
     return v;
+}
+
+// GPT-2 sizes by depth as llm.c names them (d12 = 124M, d24 = 350M, d36 = 774M, d48 = 1558M);
+// other depths get 64 channels per layer and one head per 64 channels
+static void depth_to_shape(int depth, int *channels, int *heads) {
+    switch (depth) {
+        case 24: *channels = 1024; *heads = 16; return;
+        case 36: *channels = 1280; *heads = 20; return;
+        case 48: *channels = 1600; *heads = 25; return;
+        case 60: *channels = 1920; *heads = 30; return;
+        case 72: *channels = 2880; *heads = 30; return;
+        default: *channels = 64 * depth; *heads = depth;
+    }
 }
 
 // the latest step with a complete checkpoint (DONE marker) in dir, or -1
@@ -160,8 +174,10 @@ int main(int argc, char **argv) {
     int depth = 0;
     char extra;
     if (sscanf(init, "d%d%c", &depth, &extra) == 1) {
-        if (depth < 1 || depth > 64) die("-e d%d: depth out of range 1..64", depth);
-        GPTHCConfig cfg = {1024, 50257, 50304, depth, depth, 64 * depth, mode < 0 ? MODE_RESIDUAL : mode, 1, 20};
+        if (depth < 1 || depth > 72) die("-e d%d: depth out of range 1..72", depth);
+        int channels, heads;
+        depth_to_shape(depth, &channels, &heads);
+        GPTHCConfig cfg = {1024, 50257, 50304, depth, heads, channels, mode < 0 ? MODE_RESIDUAL : mode, 1, 20};
         cfg.n = cfg.mode == MODE_RESIDUAL ? 1 : (n_flag < 0 ? 4 : n_flag);
         if (cfg.mode == MODE_RESIDUAL && n_flag > 1) die("-E %d: residual mode has exactly one stream (use -H shc|dhc|mhc)", n_flag);
         if (iters_flag > 0) cfg.sinkhorn_iters = iters_flag;
