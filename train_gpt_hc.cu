@@ -356,29 +356,131 @@ __global__ void softmax_backward_kernel(floatX *dpreatt, const floatX *datt, con
         dpreatt[row * T + i] = tox(i <= t ? scale * tof(a[i]) * (tof(d[i]) - s) : 0.0f);
 }
 
-// loss and, if dlogits != NULL, (softmax - onehot) * dloss; one block per row, fp32 softmax
-__global__ void classifier_kernel(float *losses, floatX *dlogits, const floatX *logits, const int *targets,
-                                  float dloss, int V, int Vp) {
+// block-wide (max, sum of exp) of per-thread online-softmax pairs
+__device__ void block_max_sum(float &m, float &s) {
+    __shared__ float shm[32], shs[32];
+    for (int o = 16; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffff, m, o), s2 = __shfl_xor_sync(0xffffffff, s, o);
+        float M = fmaxf(m, m2);
+        s = (m == -FLT_MAX ? 0.0f : s * expf(m - M)) + (m2 == -FLT_MAX ? 0.0f : s2 * expf(m2 - M));
+        m = M;
+    }
+    int w = threadIdx.x / 32, l = threadIdx.x % 32;
+    __syncthreads();
+    if (l == 0) { shm[w] = m; shs[w] = s; }
+    __syncthreads();
+    m = -FLT_MAX;
+    s = 0.0f;
+    for (int i = 0; i < (int)blockDim.x / 32; i++) {
+        float M = fmaxf(m, shm[i]);
+        s = (m == -FLT_MAX ? 0.0f : s * expf(m - M)) + (shm[i] == -FLT_MAX ? 0.0f : shs[i] * expf(shm[i] - M));
+        m = M;
+    }
+}
+
+// per row of logits (one block): logsumexp over the first V columns in one pass (16-byte
+// loads, online max), kept for the backward; and the loss of the target
+__global__ void classifier_forward_kernel(float *losses, float *lse, const floatX *logits, const int *targets, int V, int Vp) {
     size_t r = blockIdx.x;
     const floatX *l = logits + r * Vp;
-    __shared__ float shm[32];
-    float mx = -FLT_MAX;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, tof(l[i]));
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
-    if (threadIdx.x % 32 == 0) shm[threadIdx.x / 32] = mx;
-    __syncthreads();
-    mx = -FLT_MAX;
-    for (int i = 0; i < (int)blockDim.x / 32; i++) mx = fmaxf(mx, shm[i]);
-    float s = 0.0f;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) s += expf(tof(l[i]) - mx);
-    s = block_sum(s);
-    int tgt = targets[r];
-    if (threadIdx.x == 0) losses[r] = logf(s) + mx - tof(l[tgt]);
-    if (dlogits != NULL)
-        for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
-            float p = i < V ? expf(tof(l[i]) - mx) / s : 0.0f;
-            dlogits[r * Vp + i] = tox((p - (i == tgt ? 1.0f : 0.0f)) * dloss);
+    float m = -FLT_MAX, s = 0.0f;
+    for (int i = threadIdx.x * X128; i < Vp; i += blockDim.x * X128) {
+        x128 v = load128(l + i);
+        float cm = -FLT_MAX;
+#pragma unroll
+        for (int e = 0; e < X128; e++) if (i + e < V) cm = fmaxf(cm, tof(v.v[e]));
+        if (cm == -FLT_MAX) continue;
+        float M = fmaxf(m, cm);
+        s = (m == -FLT_MAX ? 0.0f : s * expf(m - M));
+#pragma unroll
+        for (int e = 0; e < X128; e++) if (i + e < V) s += expf(tof(v.v[e]) - M);
+        m = M;
+    }
+    block_max_sum(m, s);
+    if (threadIdx.x == 0) {
+        float z = m + logf(s);
+        lse[r] = z;
+        losses[r] = z - tof(l[targets[r]]);
+    }
+}
+
+// causal softmax rows with 16-byte accesses (T % X128 == 0); entries past t are neither read
+// nor exponentiated, only zero-filled
+__global__ void softmax_forward_vec_kernel(floatX *att, const floatX *preatt, int T, float scale) {
+    size_t row = blockIdx.x;
+    int t = row % T;
+    const floatX *p = preatt + row * T;
+    floatX *a = att + row * T;
+    float m = -FLT_MAX, s = 0.0f;
+    for (int i = threadIdx.x * X128; i <= t; i += blockDim.x * X128) {
+        x128 v = load128(p + i);
+        float cm = -FLT_MAX;
+#pragma unroll
+        for (int e = 0; e < X128; e++) if (i + e <= t) cm = fmaxf(cm, scale * tof(v.v[e]));
+        float M = fmaxf(m, cm);
+        s = (m == -FLT_MAX ? 0.0f : s * expf(m - M));
+#pragma unroll
+        for (int e = 0; e < X128; e++) if (i + e <= t) s += expf(scale * tof(v.v[e]) - M);
+        m = M;
+    }
+    block_max_sum(m, s);
+    float inv = 1.0f / s;
+    for (int i = threadIdx.x * X128; i < T; i += blockDim.x * X128) {
+        x128 o;
+        if (i > t) {
+#pragma unroll
+            for (int e = 0; e < X128; e++) o.v[e] = tox(0.0f);
+        } else {
+            x128 v = load128(p + i);
+#pragma unroll
+            for (int e = 0; e < X128; e++) o.v[e] = tox(i + e <= t ? expf(scale * tof(v.v[e]) - m) * inv : 0.0f);
         }
+        store128(a + i, o);
+    }
+}
+
+__global__ void softmax_backward_vec_kernel(floatX *dpreatt, const floatX *datt, const floatX *att, int T, float scale) {
+    size_t row = blockIdx.x;
+    int t = row % T;
+    const floatX *a = att + row * T, *d = datt + row * T;
+    float dot = 0.0f;
+    for (int i = threadIdx.x * X128; i <= t; i += blockDim.x * X128) {
+        x128 av = load128(a + i), dv = load128(d + i);
+#pragma unroll
+        for (int e = 0; e < X128; e++) dot += tof(av.v[e]) * tof(dv.v[e]);   // att is 0 past t
+    }
+    dot = block_sum(dot);
+    for (int i = threadIdx.x * X128; i < T; i += blockDim.x * X128) {
+        x128 o;
+        if (i > t) {
+#pragma unroll
+            for (int e = 0; e < X128; e++) o.v[e] = tox(0.0f);
+        } else {
+            x128 av = load128(a + i), dv = load128(d + i);
+#pragma unroll
+            for (int e = 0; e < X128; e++) o.v[e] = tox(scale * tof(av.v[e]) * (tof(dv.v[e]) - dot));
+        }
+        store128(dpreatt + row * T + i, o);
+    }
+}
+
+// dlogits = (softmax - onehot) * dloss from the stored logsumexp: one pass; padded columns 0
+__global__ void classifier_backward_kernel(floatX *dlogits, const floatX *logits, const float *lse, const int *targets,
+                                           float dloss, int V, int Vp) {
+    size_t r = blockIdx.x;
+    const floatX *l = logits + r * Vp;
+    float z = lse[r];
+    int tgt = targets[r];
+    for (int i = threadIdx.x * X128; i < Vp; i += blockDim.x * X128) {
+        x128 v = load128(l + i), o;
+#pragma unroll
+        for (int e = 0; e < X128; e++) {
+            int idx = i + e;
+            float p = idx < V ? expf(tof(v.v[e]) - z) : 0.0f;
+            o.v[e] = tox((p - (idx == tgt ? 1.0f : 0.0f)) * dloss);
+        }
+        store128(dlogits + r * Vp + i, o);
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -421,7 +523,8 @@ static void attention_forward(floatX *out, floatX *att, const floatX *qkv, int B
     cublasCheck(cublasGemmStridedBatchedEx(g_cublas, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, &one, k, CUBLAS_X, hs, (long long)T * hs,
                                            q, CUBLAS_X, hs, (long long)T * hs, &zero, preatt, CUBLAS_X, T, (long long)T * T,
                                            B * NH, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    softmax_forward_kernel<<<B * NH * T, 128>>>(att, preatt, T, 1.0f / sqrtf((float)hs));
+    if (T % X128 == 0) softmax_forward_vec_kernel<<<B * NH * T, 128>>>(att, preatt, T, 1.0f / sqrtf((float)hs));
+    else softmax_forward_kernel<<<B * NH * T, 128>>>(att, preatt, T, 1.0f / sqrtf((float)hs));   // e.g. sampling
     kernelCheck();
     cublasCheck(cublasGemmStridedBatchedEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, &one, v, CUBLAS_X, hs, (long long)T * hs,
                                            att, CUBLAS_X, T, (long long)T * T, &zero, y, CUBLAS_X, hs, (long long)T * hs,
@@ -448,7 +551,8 @@ static void attention_backward(floatX *dqkv, const floatX *dout, const floatX *q
     cublasCheck(cublasGemmStridedBatchedEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, &one, dy, CUBLAS_X, hs, (long long)T * hs,
                                            att, CUBLAS_X, T, (long long)T * T, &zero, dv, CUBLAS_X, hs, (long long)T * hs,
                                            B * NH, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    softmax_backward_kernel<<<B * NH * T, 128>>>(dpre, datt, att, T, 1.0f / sqrtf((float)hs));
+    if (T % X128 == 0) softmax_backward_vec_kernel<<<B * NH * T, 128>>>(dpre, datt, att, T, 1.0f / sqrtf((float)hs));
+    else softmax_backward_kernel<<<B * NH * T, 128>>>(dpre, datt, att, T, 1.0f / sqrtf((float)hs));
     kernelCheck();
     // dq = dpre k ; dk = dpre^T q
     cublasCheck(cublasGemmStridedBatchedEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, &one, k, CUBLAS_X, hs, (long long)T * hs,
@@ -1041,10 +1145,10 @@ static void point_parameters(ParameterTensors *p, float *mem, const size_t *size
 
 // activations: floatX tensors, then fp32 tensors (statistics and HC coefficients)
 #define NUM_ACTX 13
-#define NUM_ACTF 14
+#define NUM_ACTF 15
 typedef struct {
     floatX *H, *u, *y, *ln, *qkv, *atty, *att, *fch, *fch_gelu, *hsum, *lnf, *logits, *scratchx;
-    float *ln_mean, *ln_rstd, *pre, *post, *res, *hcn_mean, *hcn_rstd, *hc_ta, *hc_tb, *mhc_rms, *mhc_z, *lnf_mean, *lnf_rstd, *losses;
+    float *ln_mean, *ln_rstd, *pre, *post, *res, *hcn_mean, *hcn_rstd, *hc_ta, *hc_tb, *mhc_rms, *mhc_z, *lnf_mean, *lnf_rstd, *losses, *lse;
 } ActivationTensors;
 
 static void fill_activation_sizes(size_t *sx, size_t *sf, const GPTHCConfig *c, int B, int T) {
@@ -1054,7 +1158,7 @@ static void fill_activation_sizes(size_t *sx, size_t *sf, const GPTHCConfig *c, 
                           L * B * NH * T * T, L * BT * 4 * C, L * BT * 4 * C, BT * C, BT * C, BT * Vp, BT * C};
     size_t f[NUM_ACTF] = {K * BT, K * BT, hc ? K * BT * n : 0, hc ? K * BT * n : 0, hc ? K * BT * n * n : 0,
                           dhc ? K * BT * n : 0, dhc ? K * BT * n : 0, dhc ? K * BT * n * (n + 1) : 0, dhc ? K * BT * n : 0,
-                          mhc ? K * BT : 0, mhc ? K * BT * mhc_width(n) : 0, BT, BT, BT};
+                          mhc ? K * BT : 0, mhc ? K * BT * mhc_width(n) : 0, BT, BT, BT, BT};
     memcpy(sx, x, sizeof(x));
     memcpy(sf, f, sizeof(f));
 }
@@ -1062,7 +1166,7 @@ static void fill_activation_sizes(size_t *sx, size_t *sf, const GPTHCConfig *c, 
 static void point_activations(ActivationTensors *a, floatX *mx, float *mf, const size_t *sx, const size_t *sf) {
     floatX **px[NUM_ACTX] = {&a->H, &a->u, &a->y, &a->ln, &a->qkv, &a->atty, &a->att, &a->fch, &a->fch_gelu, &a->hsum, &a->lnf, &a->logits, &a->scratchx};
     float **pf[NUM_ACTF] = {&a->ln_mean, &a->ln_rstd, &a->pre, &a->post, &a->res, &a->hcn_mean, &a->hcn_rstd, &a->hc_ta,
-                            &a->hc_tb, &a->mhc_rms, &a->mhc_z, &a->lnf_mean, &a->lnf_rstd, &a->losses};
+                            &a->hc_tb, &a->mhc_rms, &a->mhc_z, &a->lnf_mean, &a->lnf_rstd, &a->losses, &a->lse};
     for (int i = 0; i < NUM_ACTX; i++) { *px[i] = mx; mx += sx[i]; }
     for (int i = 0; i < NUM_ACTF; i++) { *pf[i] = mf; mf += sf[i]; }
 }
@@ -1440,7 +1544,7 @@ void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int
     matmul_forward(a->logits, a->lnf, px(model, P_WTE), NULL, BT, C, Vp);
     if (targets != NULL) {
         ProfScope prof_cls(PROF_CLASSIFIER);
-        classifier_kernel<<<BT, 512>>>(a->losses, NULL, a->logits, model->targets, 0.0f, V, Vp);
+        classifier_forward_kernel<<<BT, 256>>>(a->losses, a->lse, a->logits, model->targets, V, Vp);
         kernelCheck();
         cudaCheck(cudaMemcpy(model->host_losses, a->losses, BT * sizeof(float), cudaMemcpyDeviceToHost));
         double s = 0.0;
@@ -1477,7 +1581,7 @@ void gpt_backward(GPTHC *model, float loss_scale) {
     cudaCheck(cudaMemset(ga->H, 0, (size_t)(K + 1) * S * sizeof(floatX)));
     {
         ProfScope prof_cls(PROF_CLASSIFIER);
-        classifier_kernel<<<BT, 512>>>(a->losses, ga->logits, a->logits, model->targets, loss_scale / (float)BT, V, Vp);
+        classifier_backward_kernel<<<BT, 256>>>(ga->logits, a->logits, a->lse, model->targets, loss_scale / (float)BT, V, Vp);
         kernelCheck();
     }
     matmul_backward(ga->lnf, g->wte, NULL, ga->logits, a->lnf, px(model, P_WTE), BT, C, Vp);
