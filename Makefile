@@ -43,7 +43,10 @@ test_gpt_hcu: test_gpt_hcu.cu train_gpt_hc.cu llmc/*.h
 test_gpt_hcu_fp32: test_gpt_hcu.cu train_gpt_hc.cu llmc/*.h
 	$(NVCC) $(NVCCFLAGS) -DENABLE_FP32 $< $(NVLIBS) -o $@
 
-cuda-build: train_gpt_hcu train_gpt_hcu_fp32 test_gpt_hcu test_gpt_hcu_fp32
+dev/cuda/bench_attention: dev/cuda/bench_attention.cu train_gpt_hc.cu llmc/*.h
+	$(NVCC) $(NVCCFLAGS) $< $(NVLIBS) -o $@
+
+cuda-build: train_gpt_hcu train_gpt_hcu_fp32 test_gpt_hcu test_gpt_hcu_fp32 dev/cuda/bench_attention
 
 test-cuda: cuda-build train_gpt_hc test_gpt_hc
 	./test_gpt_hcu_fp32
@@ -87,4 +90,4 @@ ref:
 	$(PYTHON) scripts/reference.py
 
 clean:
-	rm -f train_gpt_hc test_gpt_hc train_gpt_hc_asan test_gpt_hc_asan train_gpt_hcu test_gpt_hcu train_gpt_hcu_fp32 test_gpt_hcu_fp32 *.o
+	rm -f train_gpt_hc test_gpt_hc train_gpt_hc_asan test_gpt_hc_asan train_gpt_hcu test_gpt_hcu train_gpt_hcu_fp32 test_gpt_hcu_fp32 dev/cuda/bench_attention *.o
