@@ -25,7 +25,7 @@ test_gpt_hc: test_gpt_hc.c train_gpt_hc.c llmc/*.h
 NVCC ?= nvcc
 PRECISION ?= BF16
 NVCCFLAGS ?= -O3 -std=c++17 -gencode arch=compute_90,code=sm_90 -I/usr/include/x86_64-linux-gnu
-NVLIBS = -lcublas
+NVLIBS = -lcublas -lcublasLt
 ifeq ($(PRECISION),FP32)
 PRECFLAG = -DENABLE_FP32
 else ifeq ($(PRECISION),BF16)

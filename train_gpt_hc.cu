@@ -11,6 +11,7 @@ This is the correctness-first version: matmuls through cuBLAS (bias added by a k
 attention as cuBLAS batched matmuls around a masked softmax (llm.c's non-cuDNN path), and one
 thread block per token for the HC mixing and coefficient kernels.
 */
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -58,6 +59,9 @@ static void cublas_check(cublasStatus_t s, const char *file, int line) {
 #define cublasCheck(x) cublas_check((x), __FILE__, __LINE__)
 
 static cublasHandle_t g_cublas;
+static cublasLtHandle_t g_cublaslt;
+static void *g_lt_workspace;
+#define LT_WORKSPACE (32 << 20)
 static int g_sms = 1;
 
 __device__ __forceinline__ float tof(floatX x) { return (float)x; }
@@ -262,29 +266,8 @@ __global__ void layernorm_backward_kernel(floatX *dinp, float *dw_rows, const fl
     }
 }
 
-__global__ void add_bias_kernel(floatX *out, const floatX *bias, int OC) {
-    int bt = blockIdx.x, o = blockIdx.y * blockDim.x + threadIdx.x;
-    if (o < OC) out[(size_t)bt * OC + o] = tox(tof(out[(size_t)bt * OC + o]) + tof(bias[o]));
-}
 
-#define GELU_SCALING_FACTOR 0.7978845608028654f
-__global__ void gelu_forward_kernel(floatX *out, const floatX *inp, size_t N) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < N) {
-        float x = tof(inp[i]);
-        out[i] = tox(0.5f * x * (1.0f + tanhf(GELU_SCALING_FACTOR * (x + 0.044715f * x * x * x))));
-    }
-}
 
-__global__ void gelu_backward_kernel(floatX *dinp, const floatX *inp, const floatX *dout, size_t N) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < N) {
-        float x = tof(inp[i]);
-        float th = tanhf(GELU_SCALING_FACTOR * (x + 0.044715f * x * x * x));
-        float g = 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * GELU_SCALING_FACTOR * (1.0f + 3.0f * 0.044715f * x * x);
-        dinp[i] = tox(g * tof(dout[i]));
-    }
-}
 
 __global__ void add_kernel(floatX *out, const floatX *a, const floatX *b, size_t N) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -487,25 +470,66 @@ __global__ void classifier_backward_kernel(floatX *dlogits, const floatX *logits
 // ----------------------------------------------------------------------------
 // matmuls through cuBLAS (row-major tensors seen as column-major transposes)
 
-// out (BT, OC) = inp (BT, C) @ W (OC, C)^T + bias
-static void matmul_forward(floatX *out, const floatX *inp, const floatX *w, const floatX *bias, int BT, int C, int OC) {
-    ProfScope prof(PROF_MATMUL);
-    const float one = 1.0f, zero = 0.0f;
-    cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_T, CUBLAS_OP_N, OC, BT, C, &one, w, CUBLAS_X, C, inp, CUBLAS_X, C,
-                             &zero, out, CUBLAS_X, OC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+// cuBLASLt matmul with an epilogue, column-major: D (m x n) = op(A) (m x k) @ op(B) (k x n).
+// epilogue: CUBLASLT_EPILOGUE_DEFAULT, _BIAS (bias, m), _GELU_AUX_BIAS (aux = GELU input, m x n),
+// or _DGELU (D *= GELU'(aux)). Descriptors are made per call (a few microseconds, as in llm.c).
+static void matmul_lt(floatX *d, const floatX *a, const floatX *b, const floatX *bias, floatX *aux, int m, int n, int k,
+                      bool transA, bool transB, cublasLtEpilogue_t epilogue) {
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t la, lb, ld;
+    cublasOperation_t opA = transA ? CUBLAS_OP_T : CUBLAS_OP_N, opB = transB ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasCheck(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &opA, sizeof(opA)));
+    cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &opB, sizeof(opB)));
+    cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
     if (bias != NULL) {
-        add_bias_kernel<<<dim3(BT, ceil_div(OC, 256)), 256>>>(out, bias, OC);
-        kernelCheck();
+        cudaDataType_t bt = CUBLAS_X;
+        cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof(bt)));
+        cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
     }
+    if (aux != NULL) {
+        int64_t aux_ld = m;
+        cudaDataType_t at = CUBLAS_X;
+        cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof(aux)));
+        cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof(aux_ld)));
+        cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE, &at, sizeof(at)));
+    }
+    cublasCheck(cublasLtMatrixLayoutCreate(&la, CUBLAS_X, transA ? k : m, transA ? m : k, transA ? k : m));
+    cublasCheck(cublasLtMatrixLayoutCreate(&lb, CUBLAS_X, transB ? n : k, transB ? k : n, transB ? n : k));
+    cublasCheck(cublasLtMatrixLayoutCreate(&ld, CUBLAS_X, m, n, m));
+    cublasLtMatmulPreference_t pref;
+    size_t ws = LT_WORKSPACE;
+    cublasCheck(cublasLtMatmulPreferenceCreate(&pref));
+    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+    cublasLtMatmulHeuristicResult_t heur;
+    int found = 0;
+    cublasCheck(cublasLtMatmulAlgoGetHeuristic(g_cublaslt, desc, la, lb, ld, ld, pref, 1, &heur, &found));
+    if (found == 0) die("cuBLASLt has no algorithm for a %d x %d x %d matmul with epilogue %d", m, n, k, (int)epilogue);
+    const float one = 1.0f, zero = 0.0f;
+    cublasCheck(cublasLtMatmul(g_cublaslt, desc, &one, a, la, b, lb, &zero, d, ld, d, ld, &heur.algo, g_lt_workspace, ws, 0));
+    cublasLtMatmulPreferenceDestroy(pref);
+    cublasLtMatrixLayoutDestroy(la);
+    cublasLtMatrixLayoutDestroy(lb);
+    cublasLtMatrixLayoutDestroy(ld);
+    cublasLtMatmulDescDestroy(desc);
 }
 
-// dinp = dout @ W (overwritten); dW += dout^T @ inp (fp32); dbias += column sums of dout
-static void matmul_backward(floatX *dinp, float *dw, float *dbias, const floatX *dout, const floatX *inp, const floatX *w,
-                            int BT, int C, int OC) {
+// out (BT, OC) = inp (BT, C) @ W (OC, C)^T + bias, the bias added in the GEMM's epilogue; with
+// pre_gelu != NULL, out = GELU(that) and pre_gelu keeps the GELU input for the backward
+static void matmul_forward(floatX *out, const floatX *inp, const floatX *w, const floatX *bias, int BT, int C, int OC,
+                           floatX *pre_gelu = NULL) {
     ProfScope prof(PROF_MATMUL);
-    const float one = 1.0f, zero = 0.0f;
-    cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_N, C, BT, OC, &one, w, CUBLAS_X, C, dout, CUBLAS_X, OC,
-                             &zero, dinp, CUBLAS_X, C, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    cublasLtEpilogue_t epi = pre_gelu ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+    matmul_lt(out, w, inp, bias, pre_gelu, OC, BT, C, true, false, epi);
+}
+
+// dinp = dout @ W (overwritten; with pre_gelu, times GELU'(pre_gelu): the GELU backward fused);
+// dW += dout^T @ inp (fp32); dbias += column sums of dout
+static void matmul_backward(floatX *dinp, float *dw, float *dbias, const floatX *dout, const floatX *inp, const floatX *w,
+                            int BT, int C, int OC, floatX *pre_gelu = NULL) {
+    ProfScope prof(PROF_MATMUL);
+    const float one = 1.0f;
+    matmul_lt(dinp, w, dout, NULL, pre_gelu, C, BT, OC, false, false, pre_gelu ? CUBLASLT_EPILOGUE_DGELU : CUBLASLT_EPILOGUE_DEFAULT);
     cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, BT, &one, inp, CUBLAS_X, C, dout, CUBLAS_X, OC,
                              &one, dw, CUDA_R_32F, C, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     if (dbias != NULL) colsum(dbias, dout, BT, OC);
@@ -1195,6 +1219,8 @@ static void gpt_init_device(void) {
     cudaCheck(cudaGetDeviceProperties(&prop, 0));
     g_sms = prop.multiProcessorCount;
     cublasCheck(cublasCreate(&g_cublas));
+    cublasCheck(cublasLtCreate(&g_cublaslt));
+    cudaCheck(cudaMalloc(&g_lt_workspace, LT_WORKSPACE));
 #if defined(ENABLE_FP32)
     cublasCheck(cublasSetMathMode(g_cublas, CUBLAS_PEDANTIC_MATH));   // no TF32: the tests compare to float64
 #else
@@ -1297,9 +1323,7 @@ static void sublayer_forward(GPTHC *model, int k, const floatX *u, int B, int T)
             layernorm_forward_kernel<<<BT, 256>>>(ln, mean, rstd, u, px(model, P_LN2W) + l * C, px(model, P_LN2B) + l * C, C);
         kernelCheck();
         }
-        matmul_forward(fch, ln, px(model, P_FCW) + l * 4 * C * C, px(model, P_FCB) + l * 4 * C, BT, C, 4 * C);
-        gelu_forward_kernel<<<ceil_div(BT * 4 * C, 256), 256>>>(fchg, fch, BT * 4 * C);
-        kernelCheck();
+        matmul_forward(fchg, ln, px(model, P_FCW) + l * 4 * C * C, px(model, P_FCB) + l * 4 * C, BT, C, 4 * C, fch);   // GELU fused
         matmul_forward(y, fchg, px(model, P_FCPROJW) + l * C * 4 * C, px(model, P_FCPROJB) + l * C, BT, 4 * C, C);
     }
 }
@@ -1329,10 +1353,9 @@ static void sublayer_backward(GPTHC *model, int k, floatX *du, const floatX *dy,
         }
     } else {
         floatX *fch = a->fch + l * BT * 4 * C, *fchg = a->fch_gelu + l * BT * 4 * C;
-        floatX *dfch = ga->fch + l * BT * 4 * C, *dfchg = ga->fch_gelu + l * BT * 4 * C;
-        matmul_backward(dfchg, g->fcprojw + l * C * 4 * C, g->fcprojb + l * C, dy, fchg, px(model, P_FCPROJW) + l * C * 4 * C, BT, 4 * C, C);
-        gelu_backward_kernel<<<ceil_div(BT * 4 * C, 256), 256>>>(dfch, fch, dfchg, BT * 4 * C);
-        kernelCheck();
+        floatX *dfch = ga->fch + l * BT * 4 * C;
+        matmul_backward(dfch, g->fcprojw + l * C * 4 * C, g->fcprojb + l * C, dy, fchg, px(model, P_FCPROJW) + l * C * 4 * C, BT, 4 * C, C,
+                        fch);   // GELU backward fused
         matmul_backward(dln, g->fcw + l * 4 * C * C, g->fcb + l * 4 * C, dfch, ln, px(model, P_FCW) + l * 4 * C * C, BT, C, 4 * C);
         dwrows = (float *)dscratch(2, BT * C * sizeof(float));
         {
