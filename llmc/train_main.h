@@ -241,20 +241,28 @@ int main(int argc, char **argv) {
     // print the run
     size_t base = 0;
     for (int i = 0; i < P_HC_A; i++) base += model.param_sizes[i];
+    char row[13][128];
+    snprintf(row[0], 128, "%s", init);
+    snprintf(row[1], 128, "%s", MODE_NAMES[c->mode]);
+    snprintf(row[2], 128, "%d", c->n);
+    snprintf(row[3], 128, "%d", c->sinkhorn_iters);
+    snprintf(row[4], 128, "%d, %d, %d, %d", c->num_layers, c->num_heads, c->channels, c->max_seq_len);
+    snprintf(row[5], 128, "%d (%d)", c->vocab_size, c->padded_vocab_size);
+    snprintf(row[6], 128, "%zu", model.num_parameters);
+    snprintf(row[7], 128, "%zu", model.num_parameters - base);
+    snprintf(row[8], 128, "%d, %d, %d", B, T, grad_accum);
+    snprintf(row[9], 128, "%lld", (long long)train_tokens);
+    snprintf(row[10], 128, "%d", max_steps);
+    snprintf(row[11], 128, "%g, %d, %g", lr, warmup, final_frac);
+    snprintf(row[12], 128, "%s", gpt_device_description());
+    const char *label[13] = {"model", "residual mode", "n (streams)", "sinkhorn iterations", "L, NH, C, max T",
+                             "vocab (padded)", "parameters", "of which HC/mHC", "B, T, grad accum", "train tokens",
+                             "steps", "lr, warmup, final", "device"};
     printf("+-----------------------+----------------------------------------------------+\n");
-    printf("| model                 | %-50s |\n", init);
-    printf("| residual mode         | %-50s |\n", MODE_NAMES[c->mode]);
-    printf("| n (streams)           | %-50d |\n", c->n);
-    if (c->mode == MODE_MHC) printf("| sinkhorn iterations   | %-50d |\n", c->sinkhorn_iters);
-    printf("| L, NH, C, max T       | %d, %d, %d, %-38d |\n", c->num_layers, c->num_heads, c->channels, c->max_seq_len);
-    printf("| vocab (padded)        | %d (%d)%*s |\n", c->vocab_size, c->padded_vocab_size, 50 - (int)snprintf(NULL, 0, "%d (%d)", c->vocab_size, c->padded_vocab_size), "");
-    printf("| parameters            | %-50zu |\n", model.num_parameters);
-    printf("| of which HC/mHC       | %-50zu |\n", model.num_parameters - base);
-    printf("| B, T, grad accum      | %d, %d, %-42d |\n", B, T, grad_accum);
-    printf("| train tokens          | %-50lld |\n", (long long)train_tokens);
-    printf("| steps                 | %-50d |\n", max_steps);
-    printf("| lr, warmup, final     | %g, %d, %-42g |\n", lr, warmup, final_frac);
-    printf("| device                | %-50s |\n", gpt_device_description());
+    for (int i = 0; i < 13; i++) {
+        if (i == 3 && c->mode != MODE_MHC) continue;
+        printf("| %-21s | %-50s |\n", label[i], row[i]);
+    }
     printf("+-----------------------+----------------------------------------------------+\n");
 
     FILE *logf = NULL;
