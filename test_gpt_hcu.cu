@@ -10,6 +10,7 @@ Prints 'N passed, N failed' last.
 */
 #define TESTING
 #include "train_gpt_hc.cu"
+#include "llmc/test_report.h"
 #include <sys/wait.h>
 
 #if defined(ENABLE_FP32)
@@ -26,37 +27,8 @@ Prints 'N passed, N failed' last.
 #define TRAINER "./train_gpt_hcu"
 #endif
 
-static int g_pass = 0, g_fail = 0;
-static void report(int ok, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    printf("%s [%s] ", ok ? "PASS" : "FAIL", PRECISION_NAME);
-    vprintf(fmt, ap);
-    printf("\n");
-    va_end(ap);
-    if (ok) g_pass++; else g_fail++;
-    fflush(stdout);
-}
 
-static void diff_stats(const float *a, const float *b, size_t n, double *maxabs, double *maxref) {
-    double m = 0.0, r = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        double d = fabs((double)a[i] - (double)b[i]);
-        if (!(d <= m)) m = d;
-        if (fabs(b[i]) > r) r = fabs(b[i]);
-    }
-    *maxabs = m;
-    *maxref = r;
-}
 
-static float *to_host_x(const floatX *d, size_t n) {
-    floatX *tmp = (floatX *)mallocCheck(n * sizeof(floatX));
-    float *out = (float *)mallocCheck(n * sizeof(float));
-    cudaCheck(cudaMemcpy(tmp, d, n * sizeof(floatX), cudaMemcpyDeviceToHost));
-    for (size_t i = 0; i < n; i++) out[i] = (float)tmp[i];
-    free(tmp);
-    return out;
-}
 
 static float *to_host_f(const float *d, size_t n) {
     float *out = (float *)mallocCheck(n * sizeof(float));
@@ -92,7 +64,7 @@ static void test_reference(const char *name) {
 
     gpt_forward(&model, inputs, targets, B, T);
     double ma, mr;
-    float *lg = to_host_x(model.acts.logits, (size_t)BT * Vp);
+    float *lg = floatx_to_host(model.acts.logits, (size_t)BT * Vp);
     diff_stats(lg, logits, (size_t)BT * Vp, &ma, &mr);
     report(ma / mr < TOL_REL, "%-8s logits: max abs err %.2e, rel %.2e", name, ma, ma / mr);
     free(lg);
@@ -194,9 +166,9 @@ static void test_cpu_vs_cuda(void) {
 }
 
 int main(int argc, char **argv) {
+    g_test_tag = "[" PRECISION_NAME "] ";
     const char *names[] = {"residual", "shc4", "dhc4", "mhc4", "mhc2"};
     for (int i = 0; i < 5; i++) test_reference(names[i]);
     if (!(argc > 1 && strcmp(argv[1], "--ref-only") == 0)) test_cpu_vs_cuda();
-    printf("%d passed, %d failed\n", g_pass, g_fail);
-    return g_fail == 0 ? 0 : 1;
+    return tests_summary();
 }

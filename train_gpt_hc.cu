@@ -7,9 +7,10 @@ command line, checkpoints and logs (llmc/train_main.h drives both).
 HC/mHC coefficients, LayerNorm statistics, Sinkhorn-Knopp and every reduction run in fp32.
 Every reduction is done in a fixed order without atomics, so runs are deterministic.
 
-This is the correctness-first version: matmuls through cuBLAS (bias added by a kernel),
-attention as cuBLAS batched matmuls around a masked softmax (llm.c's non-cuDNN path), and one
-thread block per token for the HC mixing and coefficient kernels.
+Matmuls run through cuBLASLt with the bias, GELU and GELU-gradient fused into the epilogues;
+attention is cuBLAS batched matmuls around a masked softmax (llm.c's non-cuDNN path; a fused
+variant is in dev/cuda/bench_attention.cu); the HC kernels are templated on n and work one warp
+per token. Measurements and history: dev/NOTES.md.
 */
 #include <cublasLt.h>
 #include <cublas_v2.h>
@@ -127,28 +128,6 @@ __device__ float block_sum(float v) {
     return s;
 }
 
-// block-wide sums of CNT values per thread with one barrier pass (blockDim.x <= 256); every
-// thread gets the results. Inlined with a compile-time count, so the arrays stay in registers.
-#define MAX_RED 80
-template <int CNT>
-__device__ __forceinline__ void block_sum_many(const float *vals, float *out) {
-    __shared__ float sh[8 * CNT];
-    int w = threadIdx.x / 32, l = threadIdx.x % 32, nw = blockDim.x / 32;
-#pragma unroll
-    for (int q = 0; q < CNT; q++) {
-        float v = vals[q];
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-        if (l == 0) sh[w * CNT + q] = v;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int q = 0; q < CNT; q++) {
-        float s = 0.0f;
-        for (int i = 0; i < nw; i++) s += sh[i * CNT + q];
-        out[q] = s;
-    }
-    __syncthreads();
-}
 
 // ----------------------------------------------------------------------------
 // scratch device memory (grown on demand)
@@ -1027,7 +1006,7 @@ __global__ void mhc_coeffs_backward_kernel(floatX *dpx_out, float *kx_out, float
     if (bt >= BT) return;
     constexpr int m = n * n + 2 * n, nn = n * n;
     const float *zz = z + (size_t)bt * m;
-    float r = rms[bt], g[MAX_RED];
+    float r = rms[bt], g[m];
     for (int i = 0; i < n; i++) {
         float sg = pre[(size_t)bt * n + i], p2 = post[(size_t)bt * n + i];
         g[i] = dpre[(size_t)bt * n + i] * sg * (1.0f - sg);
@@ -1093,13 +1072,6 @@ __global__ void mhc_rms_backward_kernel(floatX *dH, const floatX *H, const float
     store128(dH + i, d);
 }
 
-__global__ void sum_chunks_kernel(float *out, const float *partial, size_t N, int nchunks) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= N) return;
-    float s = 0.0f;
-    for (int ch = 0; ch < nchunks; ch++) s += partial[(size_t)ch * N + i];
-    out[i] += s;
-}
 
 __global__ void mhc_small_scatter_kernel(float *dbias, float *dalpha, const float *sums, int m) {
     for (int k = threadIdx.x; k < m + 3; k += blockDim.x) {
@@ -1665,32 +1637,38 @@ void gpt_gains(GPTHC *model, int BT, double *fwd, double *bwd, double *cfwd, dou
     compute_gains(c, model->host_res, BT, fwd, bwd, cfwd, cbwd);
 }
 
+// n floatX values from the device as host floats (caller frees)
+static float *floatx_to_host(const floatX *d, size_t n) {
+    floatX *tmp = (floatX *)mallocCheck(n * sizeof(floatX));
+    float *out = (float *)mallocCheck(n * sizeof(float));
+    cudaCheck(cudaMemcpy(tmp, d, n * sizeof(floatX), cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < n; i++) out[i] = (float)tmp[i];
+    free(tmp);
+    return out;
+}
+
 void gpt_sample(GPTHC *model, const Tokenizer *tok, uint64_t *rng, int gen_tokens) {
     int T = model->seq_len, Vp = model->config.padded_vocab_size, V = model->config.vocab_size;
     if (gen_tokens > T) gen_tokens = T;
     int *toks = (int *)mallocCheck((size_t)T * sizeof(int));
-    floatX *row = (floatX *)mallocCheck(Vp * sizeof(floatX));
-    float *probs = (float *)mallocCheck(Vp * sizeof(float));
     int eot = tok->init_ok ? tok->eot_token : 50256;
     if (eot >= V) eot = 0;
     toks[0] = eot;
     printf("generating:\n---\n");
     for (int t = 1; t < gen_tokens; t++) {
         gpt_forward(model, toks, NULL, 1, t);
-        cudaCheck(cudaMemcpy(row, model->acts.logits + (size_t)(t - 1) * Vp, Vp * sizeof(floatX), cudaMemcpyDeviceToHost));
-        float mx = -FLT_MAX;
+        float *probs = floatx_to_host(model->acts.logits + (size_t)(t - 1) * Vp, Vp), mx = -FLT_MAX;
         double s = 0.0;
-        for (int i = 0; i < V; i++) { probs[i] = (float)row[i]; mx = fmaxf(mx, probs[i]); }   // host conversion
+        for (int i = 0; i < V; i++) mx = fmaxf(mx, probs[i]);
         for (int i = 0; i < V; i++) { probs[i] = expf(probs[i] - mx); s += probs[i]; }
         for (int i = 0; i < V; i++) probs[i] /= (float)s;
         toks[t] = sample_mult(probs, V, rng_uniform(rng));
+        free(probs);
         tokenizer_print(tok, (uint32_t)toks[t]);
         fflush(stdout);
     }
     printf("\n---\n");
     free(toks);
-    free(row);
-    free(probs);
 }
 
 void gpt_host_state(GPTHC *model, const float **params, const float **m, const float **v) {

@@ -42,6 +42,12 @@ __device__ __forceinline__ void fa_load_tile(__nv_bfloat16 *dst, const __nv_bflo
     }
 }
 
+// the K and V tiles of key tile kt (one (b, h) slice of qkv at base)
+__device__ __forceinline__ void fa_load_kv(__nv_bfloat16 *Ks, __nv_bfloat16 *Vs, const __nv_bfloat16 *base, int kt, int C, int C3) {
+    fa_load_tile(Ks, base + (size_t)kt * FA_TILE * C3 + C, C3);
+    fa_load_tile(Vs, base + (size_t)kt * FA_TILE * C3 + 2 * C, C3);
+}
+
 // out (16 x 64, fp32, row stride 64) = A (16 x 64 bf16, row stride FA_LD) @ B, B given as
 // 64 x 64 bf16 with row stride FA_LD, used transposed (col_major view) or as is (row_major)
 template <bool B_TRANSPOSED>
@@ -87,8 +93,7 @@ __global__ void __launch_bounds__(128) flash_attention_forward_kernel(floatX *ou
     float m = -FLT_MAX, l = 0.0f;
     for (int kt = 0; kt <= qt; kt++) {
         __syncthreads();
-        fa_load_tile(Ks, base + (size_t)kt * FA_TILE * C3 + C, C3);
-        fa_load_tile(Vs, base + (size_t)kt * FA_TILE * C3 + 2 * C, C3);
+        fa_load_kv(Ks, Vs, base, kt, C, C3);
         __syncthreads();
         fa_mm_16x64<true>(S, Qs + w * 16 * FA_LD, Ks, false);   // S = Q K^T
         __syncwarp();
@@ -199,8 +204,7 @@ __global__ void __launch_bounds__(128) flash_attention_backward_q_kernel(floatX 
     float L = lse[(size_t)bh * T + qrow], Dr = D[(size_t)bh * T + qrow];
     for (int kt = 0; kt <= qt; kt++) {
         __syncthreads();
-        fa_load_tile(Ks, base + (size_t)kt * FA_TILE * C3 + C, C3);
-        fa_load_tile(Vs, base + (size_t)kt * FA_TILE * C3 + 2 * C, C3);
+        fa_load_kv(Ks, Vs, base, kt, C, C3);
         __syncthreads();
         fa_mm_16x64<true>(S, Qs + w * 16 * FA_LD, Ks, false);     // S = Q K^T
         fa_mm_16x64<true>(dP, dOs + w * 16 * FA_LD, Vs, false);   // dP = dO V^T
@@ -218,14 +222,6 @@ __global__ void __launch_bounds__(128) flash_attention_backward_q_kernel(floatX 
 }
 #define FA_BWDQ_SMEM (4 * FA_TILE * FA_LD * 2 + 4 * 16 * 64 * 4 * 3 + 4 * 16 * FA_LD * 2)
 
-static float *host_of(const floatX *d, size_t n) {
-    floatX *t = (floatX *)mallocCheck(n * sizeof(floatX));
-    float *o = (float *)mallocCheck(n * sizeof(float));
-    cudaCheck(cudaMemcpy(t, d, n * sizeof(floatX), cudaMemcpyDeviceToHost));
-    for (size_t i = 0; i < n; i++) o[i] = (float)t[i];
-    free(t);
-    return o;
-}
 
 static void flash_forward(floatX *out, float *lse, const floatX *qkv, int B, int T, int NH) {
     flash_attention_forward_kernel<<<dim3(T / FA_TILE, B * NH), 128, FA_FWD_SMEM>>>(out, lse, qkv, T, NH, 0.125f);
@@ -270,7 +266,7 @@ int main(int argc, char **argv) {
     attention_backward(dqkv[0], dout, qkv, att, B, T, C, NH);
     flash_forward(out[1], lse, qkv, B, T, NH);
     flash_backward(dqkv[1], D, dout, out[1], lse, qkv, B, T, NH);
-    float *o0 = host_of(out[0], no), *o1 = host_of(out[1], no), *g0 = host_of(dqkv[0], nqkv), *g1 = host_of(dqkv[1], nqkv);
+    float *o0 = floatx_to_host(out[0], no), *o1 = floatx_to_host(out[1], no), *g0 = floatx_to_host(dqkv[0], nqkv), *g1 = floatx_to_host(dqkv[1], nqkv);
     double worst[4] = {0, 0, 0, 0}, ref[4] = {0, 0, 0, 0};
     for (size_t i = 0; i < no; i++) { worst[0] = fmax(worst[0], fabs(o0[i] - o1[i])); ref[0] = fmax(ref[0], fabs(o0[i])); }
     for (size_t i = 0; i < nqkv; i++) {
