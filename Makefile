@@ -45,8 +45,10 @@ test_gpt_hcu_fp32: test_gpt_hcu.cu train_gpt_hc.cu llmc/*.h
 
 dev/cuda/bench_attention: dev/cuda/bench_attention.cu train_gpt_hc.cu llmc/*.h
 	$(NVCC) $(NVCCFLAGS) $< $(NVLIBS) -o $@
+dev/cuda/bench_hc: dev/cuda/bench_hc.cu train_gpt_hc.cu llmc/*.h
+	$(NVCC) $(NVCCFLAGS) $< $(NVLIBS) -o $@
 
-cuda-build: train_gpt_hcu train_gpt_hcu_fp32 test_gpt_hcu test_gpt_hcu_fp32 dev/cuda/bench_attention
+cuda-build: train_gpt_hcu train_gpt_hcu_fp32 test_gpt_hcu test_gpt_hcu_fp32 dev/cuda/bench_attention dev/cuda/bench_hc
 
 test-cuda: cuda-build train_gpt_hc test_gpt_hc
 	./test_gpt_hcu_fp32
@@ -90,4 +92,4 @@ ref:
 	$(PYTHON) scripts/reference.py
 
 clean:
-	rm -f train_gpt_hc test_gpt_hc train_gpt_hc_asan test_gpt_hc_asan train_gpt_hcu test_gpt_hcu train_gpt_hcu_fp32 test_gpt_hcu_fp32 dev/cuda/bench_attention *.o
+	rm -f train_gpt_hc test_gpt_hc train_gpt_hc_asan test_gpt_hc_asan train_gpt_hcu test_gpt_hcu train_gpt_hcu_fp32 test_gpt_hcu_fp32 dev/cuda/bench_attention dev/cuda/bench_hc *.o

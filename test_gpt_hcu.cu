@@ -5,7 +5,10 @@ Tests of the CUDA trainer on a GPU (make test-cuda builds and runs them in FP32 
     tensor's largest value); BF16: 5e-2 relative for logits and gradients (bf16 keeps 8 bits:
     2^-8 = 4e-3 per rounding, compounded over a dozen roundings per value), 2e-2 for losses;
  2. CPU vs CUDA on a larger random config through the shared command line: the step losses of
-    ./train_gpt_hc and this build agree (FP32: 1e-3 relative; BF16: 2e-2).
+    ./train_gpt_hc and this build agree (FP32: 1e-3 relative; BF16: 2e-2);
+ 3. (BF16) the fused attention kernels and the cuBLAS attention path against a float64 CPU
+    attention, forward and backward, at T = 200 (partial tiles) and T = 256; the tensor-core
+    mHC products against the cuBLAS path (GEMMs + rms kernels) at ragged token counts.
 Prints 'N passed, N failed' last.
 */
 #define TESTING
@@ -165,10 +168,184 @@ static void test_cpu_vs_cuda(void) {
     if (system(cmd) != 0) report(0, "cleanup failed");
 }
 
+#if !defined(ENABLE_FP32)
+// the fused attention kernels (the BF16 build's path at head size 64) and the cuBLAS path against
+// a float64 CPU attention on the same bf16 inputs, at a ragged T (partial tiles) and a whole one
+static void test_attention(int B, int T, int NH) {
+    int C = NH * 64, C3 = 3 * C, BT = B * T;
+    size_t nqkv = (size_t)BT * C3, no = (size_t)BT * C;
+    float *hq = (float *)mallocCheck(nqkv * sizeof(float)), *hd = (float *)mallocCheck(no * sizeof(float));
+    uint64_t rng = 1234 + T;
+    rng_normal_fill(&rng, hq, nqkv, 0.0f, 1.0f);
+    rng_normal_fill(&rng, hd, no, 0.0f, 1.0f);
+    floatX *xq = (floatX *)mallocCheck(nqkv * sizeof(floatX)), *xd = (floatX *)mallocCheck(no * sizeof(floatX));
+    for (size_t i = 0; i < nqkv; i++) { xq[i] = (floatX)hq[i]; hq[i] = (float)xq[i]; }   // the reference sees the bf16 values
+    for (size_t i = 0; i < no; i++) { xd[i] = (floatX)hd[i]; hd[i] = (float)xd[i]; }
+    // reference
+    double *ro = (double *)callocCheck(no, sizeof(double)), *rg = (double *)callocCheck(nqkv, sizeof(double));
+    double *p = (double *)mallocCheck(T * sizeof(double)), *dp = (double *)mallocCheck(T * sizeof(double));
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++)
+            for (int t = 0; t < T; t++) {
+                const float *q = hq + (size_t)(b * T + t) * C3 + h * 64, *dO = hd + (size_t)(b * T + t) * C + h * 64;
+                double mx = -1e300, sum = 0.0, pdp = 0.0;
+                for (int j = 0; j <= t; j++) {
+                    const float *k = hq + (size_t)(b * T + j) * C3 + C + h * 64;
+                    double s = 0.0;
+                    for (int d = 0; d < 64; d++) s += (double)q[d] * k[d];
+                    p[j] = s * 0.125;
+                    mx = fmax(mx, p[j]);
+                }
+                for (int j = 0; j <= t; j++) { p[j] = exp(p[j] - mx); sum += p[j]; }
+                for (int j = 0; j <= t; j++) {
+                    p[j] /= sum;
+                    const float *v = hq + (size_t)(b * T + j) * C3 + 2 * C + h * 64;
+                    double s = 0.0;
+                    for (int d = 0; d < 64; d++) { ro[(size_t)(b * T + t) * C + h * 64 + d] += p[j] * v[d]; s += (double)dO[d] * v[d]; }
+                    dp[j] = s;
+                    pdp += p[j] * s;
+                }
+                for (int j = 0; j <= t; j++) {
+                    double ds = p[j] * (dp[j] - pdp) * 0.125;
+                    size_t kj = (size_t)(b * T + j) * C3 + h * 64, qt = (size_t)(b * T + t) * C3 + h * 64;
+                    for (int d = 0; d < 64; d++) {
+                        rg[qt + d] += ds * hq[kj + C + d];        // dq
+                        rg[kj + C + d] += ds * hq[qt + d];        // dk
+                        rg[kj + 2 * C + d] += p[j] * dO[d];       // dv
+                    }
+                }
+            }
+    floatX *qkv, *dout, *out, *dqkv, *att;
+    float *lse;
+    cudaCheck(cudaMalloc(&qkv, nqkv * sizeof(floatX)));
+    cudaCheck(cudaMalloc(&dout, no * sizeof(floatX)));
+    cudaCheck(cudaMalloc(&out, no * sizeof(floatX)));
+    cudaCheck(cudaMalloc(&dqkv, nqkv * sizeof(floatX)));
+    cudaCheck(cudaMalloc(&att, (size_t)B * NH * T * T * sizeof(floatX)));
+    cudaCheck(cudaMalloc(&lse, (size_t)B * NH * T * sizeof(float)));
+    cudaCheck(cudaMemcpy(qkv, xq, nqkv * sizeof(floatX), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(dout, xd, no * sizeof(floatX), cudaMemcpyHostToDevice));
+    for (int fused = 0; fused < 2; fused++) {
+        cudaCheck(cudaMemset(out, 0xff, no * sizeof(floatX)));   // NaN: unwritten elements fail
+        cudaCheck(cudaMemset(dqkv, 0xff, nqkv * sizeof(floatX)));
+        if (fused) {
+            attention_forward_flash(out, lse, qkv, B, T, NH);
+            attention_backward_flash(dqkv, dout, out, lse, qkv, B, T, NH);
+        } else {
+            attention_forward_cublas(out, att, qkv, B, T, C, NH);
+            attention_backward_cublas(dqkv, dout, qkv, att, B, T, C, NH);
+        }
+        float *o = floatx_to_host(out, no), *g = floatx_to_host(dqkv, nqkv);
+        double err[4] = {0, 0, 0, 0}, mx[4] = {0, 0, 0, 0};
+        for (size_t i = 0; i < no; i++) {
+            double e = fabs(o[i] - ro[i]);
+            if (!(e <= err[0])) err[0] = e;
+            mx[0] = fmax(mx[0], fabs(ro[i]));
+        }
+        for (size_t i = 0; i < nqkv; i++) {
+            int part = 1 + (int)((i % C3) / C);
+            double e = fabs(g[i] - rg[i]);
+            if (!(e <= err[part])) err[part] = e;
+            mx[part] = fmax(mx[part], fabs(rg[i]));
+        }
+        double worst = 0.0;
+        for (int k = 0; k < 4; k++) worst = (err[k] / mx[k] <= worst) ? worst : err[k] / mx[k];
+        report(worst < 2e-2, "attention %s B=%d T=%d NH=%d vs float64: out %.1e dq %.1e dk %.1e dv %.1e (max abs err / max)",
+               fused ? "fused (mma.sync)" : "cuBLAS path", B, T, NH, err[0] / mx[0], err[1] / mx[1], err[2] / mx[2], err[3] / mx[3]);
+        free(o);
+        free(g);
+    }
+    cudaFree(qkv); cudaFree(dout); cudaFree(out); cudaFree(dqkv); cudaFree(att); cudaFree(lse);
+    free(hq); free(hd); free(xq); free(xd); free(ro); free(rg); free(p); free(dp);
+}
+
+// the tensor-core mHC products (mhc_proj_forward/backward_kernel) against the cuBLAS path
+// (GEMM + rms kernels, pre-mix backward) on random inputs at a ragged token count
+template <int N>
+static void test_mhc_proj(int BT, int C) {
+    constexpr int m = N * N + 2 * N;
+    int nC = N * C;
+    size_t nh = (size_t)BT * nC;
+    uint64_t rng = 77 + N;
+    float *h = (float *)mallocCheck(nh * sizeof(float));
+    floatX *xb = (floatX *)mallocCheck(nh * sizeof(floatX));
+    floatX *H, *dH0, *dH1, *phi, *dp, *du;
+    float *p0, *p1, *r0, *r1, *kx, *pre, *dpre0, *dpre1;
+    cudaCheck(cudaMalloc(&du, (size_t)BT * C * sizeof(floatX)));
+    cudaCheck(cudaMalloc(&pre, (size_t)BT * N * sizeof(float)));
+    cudaCheck(cudaMalloc(&dpre0, (size_t)BT * N * sizeof(float)));
+    cudaCheck(cudaMalloc(&dpre1, (size_t)BT * N * sizeof(float)));
+    cudaCheck(cudaMalloc(&H, nh * sizeof(floatX)));
+    cudaCheck(cudaMalloc(&dH0, nh * sizeof(floatX)));
+    cudaCheck(cudaMalloc(&dH1, nh * sizeof(floatX)));
+    cudaCheck(cudaMalloc(&phi, (size_t)nC * m * sizeof(floatX)));
+    cudaCheck(cudaMalloc(&dp, (size_t)BT * m * sizeof(floatX)));
+    cudaCheck(cudaMalloc(&p0, (size_t)BT * m * sizeof(float)));
+    cudaCheck(cudaMalloc(&p1, (size_t)BT * m * sizeof(float)));
+    cudaCheck(cudaMalloc(&r0, BT * sizeof(float)));
+    cudaCheck(cudaMalloc(&r1, BT * sizeof(float)));
+    cudaCheck(cudaMalloc(&kx, BT * sizeof(float)));
+    auto upload = [&](floatX *d, size_t n, float scale) {
+        rng_normal_fill(&rng, h, n, 0.0f, scale);
+        for (size_t i = 0; i < n; i++) xb[i] = (floatX)h[i];
+        cudaCheck(cudaMemcpy(d, xb, n * sizeof(floatX), cudaMemcpyHostToDevice));
+    };
+    upload(H, nh, 1.0f);
+    upload(dH0, nh, 1.0f);
+    cudaCheck(cudaMemcpy(dH1, dH0, nh * sizeof(floatX), cudaMemcpyDeviceToDevice));
+    upload(phi, (size_t)nC * m, 0.02f);
+    upload(dp, (size_t)BT * m, 1.0f);
+    upload(du, (size_t)BT * C, 1.0f);
+    rng_normal_fill(&rng, h, BT, 0.0f, 0.01f);
+    cudaCheck(cudaMemcpy(kx, h, BT * sizeof(float), cudaMemcpyHostToDevice));
+    rng_normal_fill(&rng, h, (size_t)BT * N, 0.5f, 0.2f);
+    cudaCheck(cudaMemcpy(pre, h, (size_t)BT * N * sizeof(float), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemset(p1, 0xff, (size_t)BT * m * sizeof(float)));   // NaN: unwritten outputs fail
+    cudaCheck(cudaMemset(r1, 0xff, BT * sizeof(float)));
+    const float one = 1.0f, zero = 0.0f;
+    cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_N, m, BT, nC, &one, phi, CUBLAS_X, m, H, CUBLAS_X, nC, &zero, p0, CUDA_R_32F, m,
+                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    rms_kernel<<<ceil_div(BT, 4), 128>>>(r0, H, BT, nC);
+    hc_premix_backward_kernel<N><<<ceil_div(BT, 4), 128>>>(dH0, dpre0, du, H, pre, BT, C);
+    cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_T, CUBLAS_OP_N, nC, BT, m, &one, phi, CUBLAS_X, m, dp, CUBLAS_X, m, &one, dH0, CUBLAS_X, nC,
+                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    mhc_rms_backward_kernel<<<dim3(BT, ceil_div(nC / X128, 128)), 128>>>(dH0, H, kx, nC);
+    mhc_proj_forward_kernel<N><<<ceil_div(BT, 64), 128>>>(p1, r1, H, phi, BT, nC);
+    hc_premix_backward_kernel<N><<<ceil_div(BT, 4), 128>>>(NULL, dpre1, du, H, pre, BT, C);
+    mhc_proj_backward_kernel<N><<<dim3(ceil_div(BT, 64), nC / 64), 128>>>(dH1, H, dp, kx, phi, du, pre, BT, C);
+    kernelCheck();
+    float *a = to_host_f(p0, (size_t)BT * m), *b = to_host_f(p1, (size_t)BT * m), *ra = to_host_f(r0, BT), *rb = to_host_f(r1, BT);
+    float *da = floatx_to_host(dH0, nh), *db = floatx_to_host(dH1, nh);
+    float *pa = to_host_f(dpre0, (size_t)BT * N), *pb = to_host_f(dpre1, (size_t)BT * N);
+    double e1, m1, e2, m2, e3, m3, e4, m4;
+    diff_stats(b, a, (size_t)BT * m, &e1, &m1);
+    diff_stats(rb, ra, BT, &e2, &m2);
+    diff_stats(db, da, nh, &e3, &m3);
+    diff_stats(pb, pa, (size_t)BT * N, &e4, &m4);
+    report(e1 / m1 < 1e-3 && e2 / m2 < 1e-4 && e3 / m3 < 1e-2 && e4 / m4 < 1e-5,
+           "mhc tensor-core products n=%d BT=%d nC=%d vs cuBLAS path: p %.1e, rms %.1e, dH %.1e, dpre %.1e (max abs err / max)", N, BT, nC,
+           e1 / m1, e2 / m2, e3 / m3, e4 / m4);
+    free(a); free(b); free(ra); free(rb); free(da); free(db); free(h); free(xb); free(pa); free(pb);
+    cudaFree(du); cudaFree(pre); cudaFree(dpre0); cudaFree(dpre1);
+    cudaFree(H); cudaFree(dH0); cudaFree(dH1); cudaFree(phi); cudaFree(dp); cudaFree(p0); cudaFree(p1); cudaFree(r0); cudaFree(r1); cudaFree(kx);
+}
+#endif
+
 int main(int argc, char **argv) {
     g_test_tag = "[" PRECISION_NAME "] ";
     const char *names[] = {"residual", "shc4", "dhc4", "mhc4", "mhc2"};
+    g_wte_chunk = 1;   // every repeated token through the wte backward's multi-chunk path
     for (int i = 0; i < 5; i++) test_reference(names[i]);
+    g_wte_chunk = WTE_CHUNK;
+#if !defined(ENABLE_FP32)
+    gpt_init_device();
+    test_attention(2, 200, 3);
+    test_attention(1, 256, 2);
+    test_mhc_proj<4>(1000, 768);
+    test_mhc_proj<2>(1000, 768);
+    test_mhc_proj<8>(200, 256);
+    test_mhc_proj<6>(130, 64);
+#endif
     if (!(argc > 1 && strcmp(argv[1], "--ref-only") == 0)) test_cpu_vs_cuda();
     return tests_summary();
 }

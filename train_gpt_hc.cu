@@ -7,10 +7,12 @@ command line, checkpoints and logs (llmc/train_main.h drives both).
 HC/mHC coefficients, LayerNorm statistics, Sinkhorn-Knopp and every reduction run in fp32.
 Every reduction is done in a fixed order without atomics, so runs are deterministic.
 
-Matmuls run through cuBLASLt with the bias, GELU and GELU-gradient fused into the epilogues;
-attention is cuBLAS batched matmuls around a masked softmax (llm.c's non-cuDNN path; a fused
-variant is in dev/cuda/bench_attention.cu); the HC kernels are templated on n and work one warp
-per token. Measurements and history: dev/NOTES.md.
+Matmuls run through cuBLASLt with the bias, GELU and GELU-gradient fused into the epilogues.
+Attention in BF16 (head size 64) is fused: the FlashAttention-2 algorithm on mma.sync tensor cores
+with a deterministic two-kernel backward; elsewhere cuBLAS batched matmuls around a masked softmax
+(llm.c's non-cuDNN path). The HC mixing kernels are templated on n and work one warp per token;
+mHC's x @ phi products run on tensor cores with the rms terms fused. Variants side by side:
+dev/cuda/bench_attention.cu, dev/cuda/bench_hc.cu; measurements and history: dev/NOTES.md.
 */
 #include <cublasLt.h>
 #include <cublas_v2.h>
@@ -24,6 +26,7 @@ per token. Measurements and history: dev/NOTES.md.
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <type_traits>
 #include "llmc/utils.h"
 #include "llmc/gpt_hc_formats.h"
 #include "llmc/dataloader.h"
@@ -167,13 +170,45 @@ __global__ void colsum_finish_kernel(float *out, const float *partial, int Ccols
     out[c] += s;
 }
 
+// floatX matrices (the bias gradients): 16-byte loads, each thread summing 8 (bf16) adjacent
+// columns over a chunk of rows, many chunks so the whole GPU streams the matrix
+#define COLSUM_VCHUNKS 256
+__global__ void colsum_partial_vec_kernel(float *partial, const floatX *x, int R, int Ccols, int chunk) {
+    int cg = blockIdx.x * blockDim.x + threadIdx.x, ch = blockIdx.y;
+    if (cg * X128 >= Ccols) return;
+    float s[X128];
+#pragma unroll
+    for (int e = 0; e < X128; e++) s[e] = 0.0f;
+    int r1 = min(R, (ch + 1) * chunk);
+#pragma unroll 4
+    for (int r = ch * chunk; r < r1; r++) {
+        x128 v = load128(x + (size_t)r * Ccols + cg * X128);
+#pragma unroll
+        for (int e = 0; e < X128; e++) s[e] += tof(v.v[e]);
+    }
+#pragma unroll
+    for (int e = 0; e < X128; e++) partial[(size_t)ch * Ccols + cg * X128 + e] = s[e];
+}
+
 template <typename T>
 static void colsum(float *out, const T *x, int R, int Ccols) {
-    int chunk = (R + COLSUM_CHUNKS - 1) / COLSUM_CHUNKS;
-    float *partial = (float *)dscratch(3, (size_t)COLSUM_CHUNKS * Ccols * sizeof(float));
-    colsum_partial_kernel<<<dim3(ceil_div(Ccols, 256), COLSUM_CHUNKS), 256>>>(partial, x, R, Ccols, chunk);
+    if (std::is_same<T, floatX>::value && Ccols % X128 == 0) {
+        int chunk = (R + COLSUM_VCHUNKS - 1) / COLSUM_VCHUNKS;
+        float *partial = (float *)dscratch(3, (size_t)COLSUM_VCHUNKS * Ccols * sizeof(float));
+        colsum_partial_vec_kernel<<<dim3(ceil_div(Ccols / X128, 128), COLSUM_VCHUNKS), 128>>>(partial, (const floatX *)x, R, Ccols, chunk);
+        kernelCheck();
+        colsum_finish_kernel<<<ceil_div(Ccols, 256), 256>>>(out, partial, Ccols, COLSUM_VCHUNKS);
+        kernelCheck();
+        return;
+    }
+    // narrow matrices (the HC per-token rows) get more chunks, so enough threads stream them
+    int nchunks = Ccols >= 256 ? COLSUM_CHUNKS : 1024, chunk = (R + nchunks - 1) / nchunks;
+    nchunks = (R + chunk - 1) / chunk;
+    float *partial = (float *)dscratch(3, (size_t)nchunks * Ccols * sizeof(float));
+    int threads = Ccols >= 256 ? 256 : (Ccols + 31) / 32 * 32;
+    colsum_partial_kernel<<<dim3(ceil_div(Ccols, threads), nchunks), threads>>>(partial, x, R, Ccols, chunk);
     kernelCheck();
-    colsum_finish_kernel<<<ceil_div(Ccols, 256), 256>>>(out, partial, Ccols, COLSUM_CHUNKS);
+    colsum_finish_kernel<<<ceil_div(Ccols, 256), 256>>>(out, partial, Ccols, nchunks);
     kernelCheck();
 }
 
@@ -188,18 +223,43 @@ __global__ void encoder_forward_kernel(floatX *H, const int *inp, const floatX *
     for (int i = 0; i < n; i++) H[((size_t)bt * n + i) * C + c] = v;
 }
 
-// dwte[tok] += sum over the token's positions of sum_i dH^0_i: the positions are bucketed by
-// token id on the host (in order), one block column per distinct token, so no two threads add
-// into the same row and the sum order is fixed
-__global__ void wte_backward_kernel(float *dwte, const floatX *dH, const int *tokens, const int *offsets, const int *positions, int n, int C) {
-    int b = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
+// dwte[tok] += sum over the token's positions of sum_i dH^0_i. The positions are bucketed by token
+// id on the host (in order) and each bucket cut into chunks of at most WTE_CHUNK positions, one
+// block column per chunk: a bucket of one chunk adds into dwte directly, a longer one (frequent
+// tokens, hundreds of positions: as one serial chain of loads this took 20-50x its memory time)
+// writes its chunk sums to partial slots that wte_backward_finish_kernel adds in order. No two
+// threads add into the same row and the order is fixed: deterministic.
+#define WTE_CHUNK 32
+static int g_wte_chunk = WTE_CHUNK;   // the CUDA test sets 1 so that short buckets take the multi-chunk path too
+__global__ void wte_backward_kernel(float *dwte, float *partial, const floatX *dH, const int *chunks, const int *positions, int n, int C) {
+    const int *ch = chunks + 4 * blockIdx.x;   // token, first position, end, partial slot (-1: add directly)
+    int c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int j = ch[1], j1 = ch[2];
+    for (; j + 4 <= j1; j += 4)
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const floatX *d = dH + (size_t)positions[j + u] * n * C + c;
+            for (int i = 0; i < n; i++) s[u] += tof(d[(size_t)i * C]);
+        }
+    for (; j < j1; j++) {
+        const floatX *d = dH + (size_t)positions[j] * n * C + c;
+        for (int i = 0; i < n; i++) s[0] += tof(d[(size_t)i * C]);
+    }
+    float v = (s[0] + s[1]) + (s[2] + s[3]);
+    if (ch[3] < 0) dwte[(size_t)ch[0] * C + c] += v;
+    else partial[(size_t)ch[3] * C + c] = v;
+}
+
+// per multi-chunk bucket (token, first slot, slot count): dwte[token] += its partials in order
+__global__ void wte_backward_finish_kernel(float *dwte, const float *partial, const int *multi, int C) {
+    const int *mb = multi + 3 * blockIdx.x;
+    int c = blockIdx.y * blockDim.x + threadIdx.x;
     if (c >= C) return;
     float s = 0.0f;
-    for (int j = offsets[b]; j < offsets[b + 1]; j++) {
-        const floatX *d = dH + (size_t)positions[j] * n * C + c;
-        for (int i = 0; i < n; i++) s += tof(d[(size_t)i * C]);
-    }
-    dwte[(size_t)tokens[b] * C + c] += s;
+    for (int k = 0; k < mb[2]; k++) s += partial[(size_t)(mb[1] + k) * C + c];
+    dwte[(size_t)mb[0] * C + c] += s;
 }
 
 __global__ void wpe_backward_kernel(float *dwpe, const floatX *dH, int B, int T, int n, int C) {
@@ -245,13 +305,187 @@ __global__ void layernorm_backward_kernel(floatX *dinp, float *dw_rows, const fl
     }
 }
 
-
-
-
 __global__ void add_kernel(floatX *out, const floatX *a, const floatX *b, size_t N) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < N) out[i] = tox(tof(a[i]) + tof(b[i]));
 }
+
+// The LayerNorms of the step: one warp per row, each lane holding NV 16-byte chunks of the row in
+// registers (C <= 32 * 8 * X128; wider rows take the block-per-row kernels above)
+// With inp2, the input is inp + inp2 (rounded to floatX), also stored to sum: the residual add
+// and the next LayerNorm in one pass
+template <int NV>
+__global__ void layernorm_forward_vec_kernel(floatX *out, float *mean, float *rstd, const floatX *inp, const floatX *w, const floatX *b,
+                                             int N, int C, const floatX *inp2, floatX *sum) {
+    int r = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32, nv = C / X128;
+    if (r >= N) return;
+    const floatX *x = inp + (size_t)r * C;
+    x128 v[NV];
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NV; j++) {
+        int i = lane + 32 * j;
+        if (i < nv) {
+            v[j] = load128(x + i * X128);
+            if (inp2) {
+                x128 v2 = load128(inp2 + (size_t)r * C + i * X128);
+#pragma unroll
+                for (int e = 0; e < X128; e++) v[j].v[e] = tox(tof(v[j].v[e]) + tof(v2.v[e]));
+                store128(sum + (size_t)r * C + i * X128, v[j]);
+            }
+#pragma unroll
+            for (int e = 0; e < X128; e++) s += tof(v[j].v[e]);
+        }
+    }
+    float m = warp_sum(s) / C, var = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NV; j++)
+        if (lane + 32 * j < nv)
+#pragma unroll
+            for (int e = 0; e < X128; e++) { float d = tof(v[j].v[e]) - m; var += d * d; }
+    float rs = rsqrtf(warp_sum(var) / C + 1e-5f);
+#pragma unroll
+    for (int j = 0; j < NV; j++) {
+        int i = lane + 32 * j;
+        if (i < nv) {
+            x128 wv = load128(w + i * X128), bv = load128(b + i * X128), o;
+#pragma unroll
+            for (int e = 0; e < X128; e++) o.v[e] = tox((tof(v[j].v[e]) - m) * rs * tof(wv.v[e]) + tof(bv.v[e]));
+            store128(out + (size_t)r * C + i * X128, o);
+        }
+    }
+    if (lane == 0) { mean[r] = m; rstd[r] = rs; }
+}
+
+// dinp += the LayerNorm input gradient (dinp = dres + it, with dres); the weight and bias gradients are summed per block in
+// registers and then across the block's warps in a fixed order, into partial[block][2C]: rows are
+// dealt to blocks by index, so the sums do not depend on scheduling (deterministic)
+#define LN_BWD_WARPS 8
+template <int NV>
+__global__ void __launch_bounds__(32 * LN_BWD_WARPS) layernorm_backward_vec_kernel(floatX *dinp, float *partial, const floatX *dout,
+                                                                                   const floatX *inp, const floatX *w, const float *mean,
+                                                                                   const float *rstd, int N, int C, const floatX *dres) {
+    extern __shared__ float ln_acc[];   // [2C]: dw then db
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nv = C / X128;
+    float dw[NV][X128], db[NV][X128];
+#pragma unroll
+    for (int j = 0; j < NV; j++)
+#pragma unroll
+        for (int e = 0; e < X128; e++) dw[j][e] = db[j][e] = 0.0f;
+    for (int r = blockIdx.x * LN_BWD_WARPS + warp; r < N; r += gridDim.x * LN_BWD_WARPS) {
+        const floatX *d = dout + (size_t)r * C, *x = inp + (size_t)r * C;
+        float m = mean[r], s = rstd[r], a = 0.0f, bs = 0.0f;
+        x128 dv[NV], xv[NV];
+#pragma unroll
+        for (int j = 0; j < NV; j++) {
+            int i = lane + 32 * j;
+            if (i < nv) {
+                dv[j] = load128(d + i * X128);
+                xv[j] = load128(x + i * X128);
+                x128 wv = load128(w + i * X128);
+#pragma unroll
+                for (int e = 0; e < X128; e++) {
+                    float dn = tof(wv.v[e]) * tof(dv[j].v[e]);
+                    a += dn;
+                    bs += dn * (tof(xv[j].v[e]) - m) * s;
+                }
+            }
+        }
+        float dn_mean = warp_sum(a) / C, dn_xhat = warp_sum(bs) / C;
+#pragma unroll
+        for (int j = 0; j < NV; j++) {
+            int i = lane + 32 * j;
+            if (i < nv) {
+                x128 wv = load128(w + i * X128), gv = load128((dres ? dres : dinp) + (size_t)r * C + i * X128);
+#pragma unroll
+                for (int e = 0; e < X128; e++) {
+                    float xhat = (tof(xv[j].v[e]) - m) * s, g = tof(dv[j].v[e]);
+                    gv.v[e] = tox(tof(gv.v[e]) + s * (tof(wv.v[e]) * g - dn_mean - xhat * dn_xhat));
+                    dw[j][e] += g * xhat;
+                    db[j][e] += g;
+                }
+                store128(dinp + (size_t)r * C + i * X128, gv);
+            }
+        }
+    }
+    for (int i = threadIdx.x; i < 2 * C; i += blockDim.x) ln_acc[i] = 0.0f;
+    __syncthreads();
+    for (int ww = 0; ww < LN_BWD_WARPS; ww++) {   // warps add in order
+        if (warp == ww)
+#pragma unroll
+            for (int j = 0; j < NV; j++) {
+                int i = lane + 32 * j;
+                if (i < nv)
+#pragma unroll
+                    for (int e = 0; e < X128; e++) { ln_acc[i * X128 + e] += dw[j][e]; ln_acc[C + i * X128 + e] += db[j][e]; }
+            }
+        __syncthreads();
+    }
+    for (int i = threadIdx.x; i < 2 * C; i += blockDim.x) partial[(size_t)blockIdx.x * 2 * C + i] = ln_acc[i];
+}
+
+// dw[c] += sum over blocks of partial[.][c], db likewise, in block order
+__global__ void layernorm_param_finish_kernel(float *dw, float *db, const float *partial, int C, int nblocks) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= 2 * C) return;
+    float s = 0.0f;
+    for (int k = 0; k < nblocks; k++) s += partial[(size_t)k * 2 * C + i];
+    if (i < C) dw[i] += s;
+    else db[i - C] += s;
+}
+
+#define LN_DISPATCH(nv, KERNEL, GRID, BLOCK, SMEM, ...)                       \
+    switch (nv) {                                                             \
+        case 1: KERNEL<1><<<GRID, BLOCK, SMEM>>>(__VA_ARGS__); break;         \
+        case 2: KERNEL<2><<<GRID, BLOCK, SMEM>>>(__VA_ARGS__); break;         \
+        case 3: KERNEL<3><<<GRID, BLOCK, SMEM>>>(__VA_ARGS__); break;         \
+        case 4: KERNEL<4><<<GRID, BLOCK, SMEM>>>(__VA_ARGS__); break;         \
+        case 5: KERNEL<5><<<GRID, BLOCK, SMEM>>>(__VA_ARGS__); break;         \
+        case 6: KERNEL<6><<<GRID, BLOCK, SMEM>>>(__VA_ARGS__); break;         \
+        case 7: KERNEL<7><<<GRID, BLOCK, SMEM>>>(__VA_ARGS__); break;         \
+        default: KERNEL<8><<<GRID, BLOCK, SMEM>>>(__VA_ARGS__); break;        \
+    }
+
+// out = LayerNorm(inp), or with inp2: sum = inp + inp2 and out = LayerNorm(sum)
+static void layernorm_forward(floatX *out, float *mean, float *rstd, const floatX *inp, const floatX *w, const floatX *b, int N, int C,
+                              const floatX *inp2 = NULL, floatX *sum = NULL) {
+    ProfScope prof(PROF_NORM);
+    int nv = ceil_div(C / X128, 32);
+    if (nv <= 8) {
+        LN_DISPATCH(nv, layernorm_forward_vec_kernel, ceil_div(N, 8), 256, 0, out, mean, rstd, inp, w, b, N, C, inp2, sum);
+    } else {
+        if (inp2) {
+            add_kernel<<<ceil_div((size_t)N * C, 256), 256>>>(sum, inp, inp2, (size_t)N * C);
+            inp = sum;
+        }
+        layernorm_forward_kernel<<<N, 256>>>(out, mean, rstd, inp, w, b, C);
+    }
+    kernelCheck();
+}
+
+// dinp += d(LayerNorm input) (or dinp = dres + d(LayerNorm input)); dw, db += the parameter gradients
+static void layernorm_backward(floatX *dinp, float *dw, float *db, const floatX *dout, const floatX *inp, const floatX *w,
+                               const float *mean, const float *rstd, int N, int C, const floatX *dres = NULL) {
+    ProfScope prof(PROF_NORM);
+    int nv = ceil_div(C / X128, 32);
+    if (nv <= 8) {
+        int nblocks = (int)min((unsigned)256, ceil_div(N, LN_BWD_WARPS * 4));   // a function of N only: same sums on any GPU
+        float *partial = (float *)dscratch(3, (size_t)nblocks * 2 * C * sizeof(float));
+        LN_DISPATCH(nv, layernorm_backward_vec_kernel, nblocks, 32 * LN_BWD_WARPS, 2 * C * sizeof(float), dinp, partial, dout, inp, w, mean,
+                    rstd, N, C, dres);
+        kernelCheck();
+        layernorm_param_finish_kernel<<<ceil_div(2 * C, 256), 256>>>(dw, db, partial, C, nblocks);
+    } else {
+        if (dres) cudaCheck(cudaMemcpy(dinp, dres, (size_t)N * C * sizeof(floatX), cudaMemcpyDeviceToDevice));
+        float *dwrows = (float *)dscratch(2, (size_t)N * C * sizeof(float));
+        layernorm_backward_kernel<<<N, 256>>>(dinp, dwrows, dout, inp, w, mean, rstd, C);
+        kernelCheck();
+        colsum(dw, dwrows, N, C);
+        colsum(db, dout, N, C);
+    }
+    kernelCheck();
+}
+
 
 // (B,T,3C) -> q, k, v each (B,NH,T,hs)
 __global__ void permute_kernel(floatX *q, floatX *k, floatX *v, const floatX *qkv, int B, int T, int NH, int hs) {
@@ -515,7 +749,7 @@ static void matmul_backward(floatX *dinp, float *dw, float *dbias, const floatX 
 }
 
 // attention: q k^T batched, masked softmax, att v batched; att kept for the backward
-static void attention_forward(floatX *out, floatX *att, const floatX *qkv, int B, int T, int C, int NH) {
+static void attention_forward_cublas(floatX *out, floatX *att, const floatX *qkv, int B, int T, int C, int NH) {
     ProfScope prof(PROF_ATTENTION);
     int hs = C / NH;
     size_t nqkv = (size_t)B * NH * T * hs, natt = (size_t)B * NH * T * T;
@@ -537,7 +771,7 @@ static void attention_forward(floatX *out, floatX *att, const floatX *qkv, int B
     kernelCheck();
 }
 
-static void attention_backward(floatX *dqkv, const floatX *dout, const floatX *qkv, const floatX *att, int B, int T, int C, int NH) {
+static void attention_backward_cublas(floatX *dqkv, const floatX *dout, const floatX *qkv, const floatX *att, int B, int T, int C, int NH) {
     ProfScope prof(PROF_ATTENTION);
     int hs = C / NH;
     size_t nqkv = (size_t)B * NH * T * hs, natt = (size_t)B * NH * T * T;
@@ -567,6 +801,467 @@ static void attention_backward(floatX *dqkv, const floatX *dout, const floatX *q
                                            B * NH, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     permute_backward_kernel<<<B * T, 256>>>(dqkv, dq, dk, dv, B, T, NH, hs);
     kernelCheck();
+}
+
+
+#if !defined(ENABLE_FP32)
+// ----------------------------------------------------------------------------
+// fused causal attention (the FlashAttention-2 algorithm) on bf16 tensor cores, head size 64.
+// mma.sync m16n8k16 with fp32 accumulators kept in registers: each warp owns 16 rows of a
+// 64-row tile, so row statistics stay in registers and the score fragments turn into the
+// next product's A operand without touching shared memory. Reads q, k, v straight from the
+// (B, T, 3C) qkv tensor and writes (B, T, C); stores only the row logsumexp for the backward.
+// The backward recomputes P; dK/dV (one block per key tile) and dQ (one block per query tile)
+// are separate kernels so every gradient element has one writer: deterministic, no atomics.
+
+#define FA_HS 64   // head size
+#define FA_BR 64   // rows of a tile (queries or keys)
+#define FA_LD 72   // bf16 row stride in shared memory: 144 bytes, so ldmatrix rows hit distinct banks
+#define FA_TILE_BYTES (FA_BR * FA_LD * 2)
+
+__device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ void ldsm_x4(uint32_t *r, const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t *r, const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void mma_bf16(float *d, const uint32_t *a, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);   // lo in the low half: the lower column
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+// ROWS rows x 64 bf16 starting at src (row stride ld elements) into a shared tile, asynchronously;
+// rows at or past `rows` are zero-filled
+template <int ROWS = FA_BR>
+__device__ __forceinline__ void fa_load_tile(__nv_bfloat16 *dst, const __nv_bfloat16 *src, int rows, size_t ld) {
+    for (int i = threadIdx.x; i < ROWS * 8; i += blockDim.x) {
+        int r = i >> 3, c = (i & 7) * 8;
+        bool ok = r < rows;
+        cp_async16(dst + r * FA_LD + c, ok ? src + (size_t)r * ld + c : src, ok);
+    }
+}
+
+// A operand (16 rows x 64, row-major) of the calling warp from a shared tile: a[kk] covers k in [16kk, 16kk+16)
+__device__ __forceinline__ void fa_load_a(uint32_t a[4][4], const __nv_bfloat16 *rows16) {
+    int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) ldsm_x4(a[kk], rows16 + (lane % 16) * FA_LD + kk * 16 + (lane / 16) * 8);
+}
+
+// acc (16 x 64) += A (16 x 64) * Bt^T, with Bt a shared 64 x 64 tile stored [n][k] (k contiguous)
+__device__ __forceinline__ void fa_mma_nt(float acc[8][4], const uint32_t a[4][4], const __nv_bfloat16 *Bt) {
+    int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+        for (int jp = 0; jp < 4; jp++) {
+            uint32_t b[4];
+            ldsm_x4(b, Bt + ((lane % 8) + (lane / 16) * 8 + jp * 16) * FA_LD + kk * 16 + ((lane / 8) % 2) * 8);
+            mma_bf16(acc[2 * jp], a[kk], b[0], b[1]);
+            mma_bf16(acc[2 * jp + 1], a[kk], b[2], b[3]);
+        }
+}
+
+// as fa_mma_nt, with A read from a shared tile (16 rows, k contiguous) instead of registers
+__device__ __forceinline__ void fa_mma_nt_sa(float acc[8][4], const __nv_bfloat16 *A16, const __nv_bfloat16 *Bt) {
+    int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        uint32_t a[4];
+        ldsm_x4(a, A16 + (lane % 16) * FA_LD + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+        for (int jp = 0; jp < 4; jp++) {
+            uint32_t b[4];
+            ldsm_x4(b, Bt + ((lane % 8) + (lane / 16) * 8 + jp * 16) * FA_LD + kk * 16 + ((lane / 8) % 2) * 8);
+            mma_bf16(acc[2 * jp], a, b[0], b[1]);
+            mma_bf16(acc[2 * jp + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// acc (16 x 64) += A (16 x 64) * B, with B a shared 64 x 64 tile stored [k][n] (n contiguous)
+__device__ __forceinline__ void fa_mma_nn(float acc[8][4], const uint32_t a[4][4], const __nv_bfloat16 *B) {
+    int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+        for (int jp = 0; jp < 4; jp++) {
+            uint32_t b[4];
+            ldsm_x4_t(b, B + ((lane % 8) + ((lane / 8) % 2) * 8 + kk * 16) * FA_LD + jp * 16 + (lane / 16) * 8);
+            mma_bf16(acc[2 * jp], a[kk], b[0], b[1]);
+            mma_bf16(acc[2 * jp + 1], a[kk], b[2], b[3]);
+        }
+}
+
+// a 16 x 64 accumulator (C layout) as the bf16 A operand of the next product
+__device__ __forceinline__ void fa_acc_to_a(uint32_t a[4][4], const float s[8][4]) {
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        a[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+        a[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+        a[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        a[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+}
+
+// 16 x 64 accumulator rows (row0 + lane/4, + 8) scaled and stored as bf16 into a row-major tensor
+__device__ __forceinline__ void fa_store_rows(__nv_bfloat16 *dst, size_t ld, const float acc[8][4], int row0, int T, float scale) {
+    int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        int r = row0 + lane / 4 + 8 * h;
+        if (r >= T) continue;
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            *reinterpret_cast<uint32_t *>(dst + (size_t)r * ld + j * 8 + 2 * (lane % 4)) =
+                pack_bf16(acc[j][2 * h] * scale, acc[j][2 * h + 1] * scale);
+    }
+}
+
+// grid (query blocks of 16 W rows, B * NH), 32 W threads; each warp owns 16 query rows and walks the
+// 64-key tiles up to its last row; lse in log2 units of the scaled scores
+template <int W>
+__global__ void __launch_bounds__(32 * W) flash_forward_kernel(__nv_bfloat16 *out, float *lse, const __nv_bfloat16 *qkv, int T, int NH,
+                                                               float scale_log2) {
+    constexpr int QB = 16 * W;
+    extern __shared__ __align__(128) unsigned char fa_smem[];
+    __nv_bfloat16 *Qs = (__nv_bfloat16 *)fa_smem, *Ks = Qs + QB * FA_LD, *Vs = Ks + 2 * FA_BR * FA_LD;
+    int q0 = (gridDim.x - 1 - blockIdx.x) * QB;   // the longest rows first
+    int bh = blockIdx.y, b = bh / NH, h = bh % NH, C = NH * FA_HS, C3 = 3 * C;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int wrow0 = q0 + warp * 16, last = (min(T, q0 + QB) - 1) / FA_BR;   // the block's last key tile
+    const __nv_bfloat16 *base = qkv + (size_t)b * T * C3 + h * FA_HS;
+    fa_load_tile<QB>(Qs, base + (size_t)q0 * C3, T - q0, C3);
+    fa_load_tile(Ks, base + C, T, C3);
+    fa_load_tile(Vs, base + 2 * C, T, C3);
+    cp_async_commit();
+    float o[8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+    uint32_t qa[4][4];
+    int row0 = wrow0 + lane / 4;   // this thread's rows: row0, row0 + 8
+    for (int kt = 0; kt <= last; kt++) {
+        int buf = kt % 2;
+        if (kt < last) {
+            int nb = (kt + 1) % 2;
+            fa_load_tile(Ks + nb * FA_BR * FA_LD, base + (size_t)(kt + 1) * FA_BR * C3 + C, T - (kt + 1) * FA_BR, C3);
+            fa_load_tile(Vs + nb * FA_BR * FA_LD, base + (size_t)(kt + 1) * FA_BR * C3 + 2 * C, T - (kt + 1) * FA_BR, C3);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (kt == 0) fa_load_a(qa, Qs + warp * 16 * FA_LD);
+        if (W <= 4 || kt * FA_BR <= wrow0 + 15) {   // tiles wholly past the warp's rows are skipped (W > 4 only)
+            float s[8][4];
+#pragma unroll
+            for (int j = 0; j < 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+            fa_mma_nt(s, qa, Ks + buf * FA_BR * FA_LD);
+            bool diag = kt * FA_BR + FA_BR - 1 > wrow0;   // some key of the tile lies past some row
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int col = kt * FA_BR + j * 8 + 2 * (lane % 4) + (e & 1), row = row0 + (e >> 1) * 8;
+                    s[j][e] = (!diag || col <= row) ? s[j][e] * scale_log2 : -INFINITY;
+                }
+#pragma unroll
+            for (int h2 = 0; h2 < 2; h2++) {
+                float mx = -INFINITY;
+#pragma unroll
+                for (int j = 0; j < 8; j++) mx = fmaxf(mx, fmaxf(s[j][2 * h2], s[j][2 * h2 + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+                float mnew = fmaxf(m[h2], mx);   // finite: every row sees key 0 in tile 0
+                float corr = exp2f(m[h2] - mnew), sum = 0.0f;
+                m[h2] = mnew;
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    s[j][2 * h2] = exp2f(s[j][2 * h2] - mnew);
+                    s[j][2 * h2 + 1] = exp2f(s[j][2 * h2 + 1] - mnew);
+                    sum += s[j][2 * h2] + s[j][2 * h2 + 1];
+                    o[j][2 * h2] *= corr;
+                    o[j][2 * h2 + 1] *= corr;
+                }
+                l[h2] = l[h2] * corr + sum;
+            }
+            uint32_t pa[4][4];
+            fa_acc_to_a(pa, s);
+            fa_mma_nn(o, pa, Vs + buf * FA_BR * FA_LD);
+        }
+        __syncthreads();   // buffer `buf` is refilled next iteration
+    }
+    __nv_bfloat16 *ob = out + (size_t)b * T * C + h * FA_HS;
+#pragma unroll
+    for (int h2 = 0; h2 < 2; h2++) {
+        l[h2] += __shfl_xor_sync(0xffffffff, l[h2], 1);
+        l[h2] += __shfl_xor_sync(0xffffffff, l[h2], 2);
+        float inv = 1.0f / l[h2];
+#pragma unroll
+        for (int j = 0; j < 8; j++) { o[j][2 * h2] *= inv; o[j][2 * h2 + 1] *= inv; }
+        int r = row0 + 8 * h2;
+        if (lane % 4 == 0 && r < T) lse[(size_t)bh * T + r] = m[h2] + log2f(l[h2]);
+    }
+    fa_store_rows(ob, C, o, wrow0, T, 1.0f);
+}
+
+// D[b, h, t] = sum_d dout[b, t, h, d] * out[b, t, h, d]: 8 threads per (token, head), 16 bytes each
+__global__ void flash_rowdot_kernel(float *D, const __nv_bfloat16 *dout, const __nv_bfloat16 *out, int BT, int T, int NH) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    size_t row = idx / 8;   // (token, head)
+    int part = (int)(idx % 8);
+    float s = 0.0f;
+    if (row < (size_t)BT * NH) {
+        const __nv_bfloat16 *a = dout + row * FA_HS + part * 8, *o = out + row * FA_HS + part * 8;
+        x128 av = load128(a), ov = load128(o);
+#pragma unroll
+        for (int e = 0; e < 8; e++) s += tof(av.v[e]) * tof(ov.v[e]);
+    }
+    s += __shfl_xor_sync(0xffffffff, s, 1);
+    s += __shfl_xor_sync(0xffffffff, s, 2);
+    s += __shfl_xor_sync(0xffffffff, s, 4);
+    if (part == 0 && row < (size_t)BT * NH) {
+        int bt = (int)(row / NH), h = (int)(row % NH), b = bt / T, t = bt % T;
+        D[((size_t)b * NH + h) * T + t] = s;
+    }
+}
+
+// dK, dV for one block of 16 W keys: loop over the 64-query tiles that reach it. Each warp owns 16
+// keys and works with the transposed scores S^T = K Q^T, so P^T and dS^T are already A operands.
+template <int W>
+__global__ void __launch_bounds__(32 * W) flash_backward_kv_kernel(__nv_bfloat16 *dqkv, const __nv_bfloat16 *qkv, const __nv_bfloat16 *dout,
+                                                                   const float *lse, const float *D, int T, int NH, float scale_log2,
+                                                                   float scale) {
+    constexpr int KB = 16 * W;
+    extern __shared__ __align__(128) unsigned char fa_smem[];
+    __nv_bfloat16 *Ks = (__nv_bfloat16 *)fa_smem, *Vs = Ks + KB * FA_LD, *Qs = Vs + KB * FA_LD, *dOs = Qs + 2 * FA_BR * FA_LD;
+    float *lse_s = (float *)(dOs + 2 * FA_BR * FA_LD), *D_s = lse_s + 2 * FA_BR;
+    int k0 = blockIdx.x * KB;   // the blocks with the most queries first
+    int bh = blockIdx.y, b = bh / NH, h = bh % NH, C = NH * FA_HS, C3 = 3 * C, nq = (T + FA_BR - 1) / FA_BR;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wkey0 = k0 + warp * 16;
+    const __nv_bfloat16 *base = qkv + (size_t)b * T * C3 + h * FA_HS, *dbase = dout + (size_t)b * T * C + h * FA_HS;
+    const float *lse_b = lse + (size_t)bh * T, *D_b = D + (size_t)bh * T;
+    int qt0 = k0 / FA_BR;   // the first query tile with a query at or past key k0
+    fa_load_tile<KB>(Ks, base + (size_t)k0 * C3 + C, T - k0, C3);
+    fa_load_tile<KB>(Vs, base + (size_t)k0 * C3 + 2 * C, T - k0, C3);
+    fa_load_tile(Qs, base + (size_t)qt0 * FA_BR * C3, T - qt0 * FA_BR, C3);
+    fa_load_tile(dOs, dbase + (size_t)qt0 * FA_BR * C, T - qt0 * FA_BR, C);
+    cp_async_commit();
+    if (threadIdx.x < FA_BR) {   // rows past T: P = 0
+        int t = qt0 * FA_BR + threadIdx.x;
+        lse_s[threadIdx.x] = t < T ? lse_b[t] : INFINITY;
+        D_s[threadIdx.x] = t < T ? D_b[t] : 0.0f;
+    }
+    float dk[8][4], dv[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk[j][e] = dv[j][e] = 0.0f;
+    int key0 = wkey0 + lane / 4;   // this thread's keys: key0, key0 + 8
+    for (int qt = qt0; qt < nq; qt++) {
+        int buf = (qt - qt0) % 2;
+        if (qt + 1 < nq) {
+            int nb = 1 - buf, q1 = (qt + 1) * FA_BR;
+            fa_load_tile(Qs + nb * FA_BR * FA_LD, base + (size_t)q1 * C3, T - q1, C3);
+            fa_load_tile(dOs + nb * FA_BR * FA_LD, dbase + (size_t)q1 * C, T - q1, C);
+            cp_async_commit();
+            if (threadIdx.x < FA_BR) {
+                int t = q1 + threadIdx.x;
+                lse_s[nb * FA_BR + threadIdx.x] = t < T ? lse_b[t] : INFINITY;
+                D_s[nb * FA_BR + threadIdx.x] = t < T ? D_b[t] : 0.0f;
+            }
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (W <= 4 || qt * FA_BR + FA_BR - 1 >= wkey0) {   // tiles wholly before the warp's keys are skipped (W > 4 only)
+            const __nv_bfloat16 *Qb = Qs + buf * FA_BR * FA_LD, *dOb = dOs + buf * FA_BR * FA_LD;
+            const float *lsb = lse_s + buf * FA_BR, *Db = D_s + buf * FA_BR;
+            float s[8][4], dp[8][4];
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.0f;
+            fa_mma_nt_sa(s, Ks + warp * 16 * FA_LD, Qb);    // S^T: keys x queries
+            fa_mma_nt_sa(dp, Vs + warp * 16 * FA_LD, dOb);  // dP^T = V dO^T
+            bool diag = qt * FA_BR < wkey0 + 15;   // some query of the tile lies before some key
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int qc = j * 8 + 2 * (lane % 4) + (e & 1), key = key0 + (e >> 1) * 8;
+                    float p = (!diag || key <= qt * FA_BR + qc) ? exp2f(s[j][e] * scale_log2 - lsb[qc]) : 0.0f;
+                    s[j][e] = p;
+                    dp[j][e] = p * (dp[j][e] - Db[qc]);   // dS^T (gradient of the scaled score)
+                }
+            uint32_t pa[4][4];
+            fa_acc_to_a(pa, s);
+            fa_mma_nn(dv, pa, dOb);   // dV += P^T dO
+            fa_acc_to_a(pa, dp);
+            fa_mma_nn(dk, pa, Qb);    // dK += dS^T Q
+        }
+        __syncthreads();
+    }
+    __nv_bfloat16 *gb = dqkv + (size_t)b * T * C3 + h * FA_HS;
+    fa_store_rows(gb + C, C3, dk, wkey0, T, scale);
+    fa_store_rows(gb + 2 * C, C3, dv, wkey0, T, 1.0f);
+}
+
+// dQ for one block of 16 W queries: loop over the 64-key tiles up to its last query
+template <int W>
+__global__ void __launch_bounds__(32 * W) flash_backward_q_kernel(__nv_bfloat16 *dqkv, const __nv_bfloat16 *qkv, const __nv_bfloat16 *dout,
+                                                                  const float *lse, const float *D, int T, int NH, float scale_log2,
+                                                                  float scale) {
+    constexpr int QB = 16 * W;
+    extern __shared__ __align__(128) unsigned char fa_smem[];
+    __nv_bfloat16 *Qs = (__nv_bfloat16 *)fa_smem, *dOs = Qs + QB * FA_LD, *Ks = dOs + QB * FA_LD, *Vs = Ks + 2 * FA_BR * FA_LD;
+    int q0 = (gridDim.x - 1 - blockIdx.x) * QB;
+    int bh = blockIdx.y, b = bh / NH, h = bh % NH, C = NH * FA_HS, C3 = 3 * C;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wrow0 = q0 + warp * 16, last = (min(T, q0 + QB) - 1) / FA_BR;
+    const __nv_bfloat16 *base = qkv + (size_t)b * T * C3 + h * FA_HS, *dbase = dout + (size_t)b * T * C + h * FA_HS;
+    fa_load_tile<QB>(Qs, base + (size_t)q0 * C3, T - q0, C3);
+    fa_load_tile<QB>(dOs, dbase + (size_t)q0 * C, T - q0, C);
+    fa_load_tile(Ks, base + C, T, C3);
+    fa_load_tile(Vs, base + 2 * C, T, C3);
+    cp_async_commit();
+    int row0 = wrow0 + lane / 4;
+    float lr[2], dr[2];
+#pragma unroll
+    for (int h2 = 0; h2 < 2; h2++) {
+        int r = row0 + 8 * h2;
+        lr[h2] = r < T ? lse[(size_t)bh * T + r] : INFINITY;
+        dr[h2] = r < T ? D[(size_t)bh * T + r] : 0.0f;
+    }
+    float dq[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; j++) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.0f;
+    uint32_t qa[4][4], da[4][4];
+    for (int kt = 0; kt <= last; kt++) {
+        int buf = kt % 2;
+        if (kt < last) {
+            int nb = 1 - buf, k1 = (kt + 1) * FA_BR;
+            fa_load_tile(Ks + nb * FA_BR * FA_LD, base + (size_t)k1 * C3 + C, T - k1, C3);
+            fa_load_tile(Vs + nb * FA_BR * FA_LD, base + (size_t)k1 * C3 + 2 * C, T - k1, C3);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (kt == 0) {
+            fa_load_a(qa, Qs + warp * 16 * FA_LD);
+            fa_load_a(da, dOs + warp * 16 * FA_LD);
+        }
+        if (W <= 4 || kt * FA_BR <= wrow0 + 15) {
+            const __nv_bfloat16 *Kb = Ks + buf * FA_BR * FA_LD, *Vb = Vs + buf * FA_BR * FA_LD;
+            float s[8][4], dp[8][4];
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.0f;
+            fa_mma_nt(s, qa, Kb);    // S = Q K^T
+            fa_mma_nt(dp, da, Vb);   // dP = dO V^T
+            bool diag = kt * FA_BR + FA_BR - 1 > wrow0;
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int col = kt * FA_BR + j * 8 + 2 * (lane % 4) + (e & 1), row = row0 + (e >> 1) * 8;
+                    float p = (!diag || col <= row) ? exp2f(s[j][e] * scale_log2 - lr[e >> 1]) : 0.0f;
+                    dp[j][e] = p * (dp[j][e] - dr[e >> 1]);
+                }
+            uint32_t pa[4][4];
+            fa_acc_to_a(pa, dp);
+            fa_mma_nn(dq, pa, Kb);   // dQ += dS K
+        }
+        __syncthreads();
+    }
+    fa_store_rows(dqkv + (size_t)b * T * C3 + h * FA_HS, C3, dq, wrow0, T, scale);
+}
+
+// warps per block of the three kernels (16 rows each); dev/cuda/bench_attention times 4 and 8
+#ifndef FA_WARPS
+#define FA_WARPS 4
+#endif
+#define FA_FWD_SMEM(W) ((16 * (W) + 4 * FA_BR) * FA_LD * 2)
+#define FA_BWD_SMEM(W) ((2 * 16 * (W) + 4 * FA_BR) * FA_LD * 2 + 4 * FA_BR * 4)
+#define FA_BWDQ_SMEM(W) ((2 * 16 * (W) + 4 * FA_BR) * FA_LD * 2)
+template <int W>
+static void flash_init_w(void) {
+    cudaCheck(cudaFuncSetAttribute(flash_forward_kernel<W>, cudaFuncAttributeMaxDynamicSharedMemorySize, FA_FWD_SMEM(W)));
+    cudaCheck(cudaFuncSetAttribute(flash_backward_kv_kernel<W>, cudaFuncAttributeMaxDynamicSharedMemorySize, FA_BWD_SMEM(W)));
+    cudaCheck(cudaFuncSetAttribute(flash_backward_q_kernel<W>, cudaFuncAttributeMaxDynamicSharedMemorySize, FA_BWDQ_SMEM(W)));
+}
+static void flash_init(void) {
+    flash_init_w<4>();
+    flash_init_w<8>();
+}
+
+template <int W = FA_WARPS>
+static void attention_forward_flash(floatX *out, float *lse, const floatX *qkv, int B, int T, int NH) {
+    ProfScope prof(PROF_ATTENTION);
+    dim3 grid(ceil_div(T, 16 * W), B * NH);
+    flash_forward_kernel<W><<<grid, 32 * W, FA_FWD_SMEM(W)>>>(out, lse, qkv, T, NH, 0.125f * (float)M_LOG2E);
+    kernelCheck();
+}
+
+template <int W = FA_WARPS>
+static void attention_backward_flash(floatX *dqkv, const floatX *dout, const floatX *out, const float *lse, const floatX *qkv, int B, int T, int NH) {
+    ProfScope prof(PROF_ATTENTION);
+    float *D = (float *)dscratch(1, (size_t)B * NH * T * sizeof(float));
+    flash_rowdot_kernel<<<ceil_div((size_t)B * T * NH * 8, 256), 256>>>(D, dout, out, B * T, T, NH);
+    kernelCheck();
+    dim3 grid(ceil_div(T, 16 * W), B * NH);
+    flash_backward_kv_kernel<W><<<grid, 32 * W, FA_BWD_SMEM(W)>>>(dqkv, qkv, dout, lse, D, T, NH, 0.125f * (float)M_LOG2E, 0.125f);
+    kernelCheck();
+    flash_backward_q_kernel<W><<<grid, 32 * W, FA_BWDQ_SMEM(W)>>>(dqkv, qkv, dout, lse, D, T, NH, 0.125f * (float)M_LOG2E, 0.125f);
+    kernelCheck();
+}
+#endif
+
+// the fused kernels where they apply (bf16, head size 64), else the cuBLAS path; GPT_HC_ATTENTION=cublas
+// forces the latter (for comparisons)
+static int use_flash(int C, int NH) {
+#if defined(ENABLE_FP32)
+    (void)C; (void)NH;
+    return 0;
+#else
+    static int forced = -1;
+    if (forced < 0) forced = getenv("GPT_HC_ATTENTION") && strcmp(getenv("GPT_HC_ATTENTION"), "cublas") == 0;
+    return !forced && C == NH * FA_HS;
+#endif
+}
+
+// out = attention(qkv); the backward state is att (cuBLAS path: the probabilities) or lse (fused)
+static void attention_forward(floatX *out, floatX *att, float *lse, const floatX *qkv, int B, int T, int C, int NH) {
+#if !defined(ENABLE_FP32)
+    if (use_flash(C, NH)) { attention_forward_flash(out, lse, qkv, B, T, NH); return; }
+#endif
+    attention_forward_cublas(out, att, qkv, B, T, C, NH);
+}
+
+static void attention_backward(floatX *dqkv, const floatX *dout, const floatX *out, const floatX *att, const float *lse, const floatX *qkv,
+                               int B, int T, int C, int NH) {
+#if !defined(ENABLE_FP32)
+    if (use_flash(C, NH)) { attention_backward_flash(dqkv, dout, out, lse, qkv, B, T, NH); return; }
+#endif
+    (void)out; (void)lse;
+    attention_backward_cublas(dqkv, dout, qkv, att, B, T, C, NH);
 }
 
 // ----------------------------------------------------------------------------
@@ -603,6 +1298,7 @@ __global__ void hc_premix_forward_kernel(floatX *u, const floatX *H, const float
 
 // dH += pre (x) du; dpre[i] = du . H_i
 template <int N>
+// dpre, and dH += pre_i du unless dH is NULL (mHC's tensor-core backward adds that term itself)
 __global__ void hc_premix_backward_kernel(floatX *dH, float *dpre, const floatX *du, const floatX *H, const float *pre, int BT, int C) {
     constexpr int n = N;
     int bt = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -616,14 +1312,15 @@ __global__ void hc_premix_backward_kernel(floatX *dH, float *dpre, const floatX 
         x128 dv = load128(du + (size_t)bt * C + c);
 #pragma unroll
         for (int i = 0; i < n; i++) {
-            x128 hv = load128(h + (size_t)i * C + c), gv = load128(dh + (size_t)i * C + c);
+            x128 hv = load128(h + (size_t)i * C + c), gv;
+            if (dH) gv = load128(dh + (size_t)i * C + c);
 #pragma unroll
             for (int e = 0; e < X128; e++) {
                 float d = tof(dv.v[e]);
                 acc[i] += d * tof(hv.v[e]);
-                gv.v[e] = tox(tof(gv.v[e]) + p[i] * d);
+                if (dH) gv.v[e] = tox(tof(gv.v[e]) + p[i] * d);
             }
-            store128(dh + (size_t)i * C + c, gv);
+            if (dH) store128(dh + (size_t)i * C + c, gv);
         }
     }
 #pragma unroll
@@ -699,13 +1396,13 @@ __global__ void hc_postmix_backward_kernel(floatX *dH, floatX *dy, float *dpost,
         store128(dy + (size_t)bt * C + c, dyo);
 #pragma unroll
         for (int j = 0; j < n; j++) {
-            x128 gv = load128(dH + ((size_t)bt * n + j) * C + c);
+            x128 gv;   // the first writer of dH^k in the backward: written, not accumulated
 #pragma unroll
             for (int e = 0; e < X128; e++) {
                 float sum = 0.0f;
 #pragma unroll
                 for (int i = 0; i < n; i++) sum += r[i * n + j] * tof(dv[i].v[e]);
-                gv.v[e] = tox(tof(gv.v[e]) + sum);
+                gv.v[e] = tox(sum);
             }
             store128(dH + ((size_t)bt * n + j) * C + c, gv);
         }
@@ -1072,6 +1769,169 @@ __global__ void mhc_rms_backward_kernel(floatX *dH, const floatX *H, const float
     store128(dH + i, d);
 }
 
+#if !defined(ENABLE_FP32)
+// mHC's two skinny products on tensor cores (bf16 build, nC % 64 == 0). cuBLAS ran them at 2-5x
+// their memory floor (m = n^2 + 2n is 24 at n = 4) and needed separate passes for the rms terms.
+// forward: p = vec(H) @ phi (fp32) and rms = sqrt(mean(H^2) + 1e-6) in one pass over H;
+// backward: dH += dp @ phi^T + kx * H in one pass (dp, kx from mhc_coeffs_backward_kernel).
+#define MP_LD 72   // H tiles: 64 bf16 + 8 of padding per row (as the attention tiles)
+
+// grid: ceil(BT / 64) blocks of 128 threads; each warp owns 16 tokens, k runs over nC in chunks of
+// 64 through a 3-stage cp.async pipeline (H tile and phi rows together; 2 stages for n > 4, whose
+// wider phi rows would pass the 48 KB of static shared memory)
+template <int N>
+__global__ void __launch_bounds__(128) mhc_proj_forward_kernel(float *p, float *rms, const floatX *H, const floatX *phi, int BT, int nC) {
+    // launched only for m % 8 == 0 (mhc_fused); MT is clamped so odd n still compiles
+    constexpr int m = N * N + 2 * N, MT = m / 8 > 0 ? m / 8 : 1, PLD = 8 * (MT | 1);   // odd 16-byte row stride: no bank conflicts
+    constexpr int MP_STAGES = MT <= 4 ? 3 : 2;
+    __shared__ __align__(16) floatX Hs[MP_STAGES][64 * MP_LD];
+    __shared__ __align__(16) floatX Ps[MP_STAGES][64 * PLD];   // phi rows k0..k0+63, [k][col]
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t0 = blockIdx.x * 64, nk = nC / 64;
+    auto load = [&](int buf, int kc) {
+        if (kc < nk) {
+            fa_load_tile(Hs[buf], H + (size_t)t0 * nC + kc * 64, BT - t0, nC);
+            for (int i = threadIdx.x; i < 64 * MT; i += blockDim.x)
+                cp_async16(Ps[buf] + (i / MT) * PLD + (i % MT) * 8, phi + ((size_t)kc * 64 + i / MT) * m + (i % MT) * 8, true);
+        }
+        cp_async_commit();   // empty groups keep the count uniform
+    };
+    float acc[MT][4], ss[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < MT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    for (int s = 0; s < MP_STAGES - 1; s++) load(s, s);
+    for (int kc = 0; kc < nk; kc++) {
+        int buf = kc % MP_STAGES;
+        cp_async_wait<MP_STAGES - 2>();
+        __syncthreads();   // tile kc landed for every thread; tile kc-1's buffer is free
+        load((kc + MP_STAGES - 1) % MP_STAGES, kc + MP_STAGES - 1);
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            uint32_t a[4];
+            ldsm_x4(a, Hs[buf] + (warp * 16 + lane % 16) * MP_LD + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+            for (int q = 0; q < 4; q++) {   // a[0], a[2]: row lane/4; a[1], a[3]: row lane/4 + 8
+                __nv_bfloat162 v = *reinterpret_cast<__nv_bfloat162 *>(&a[q]);
+                float x0 = __low2float(v), x1 = __high2float(v);
+                ss[q % 2] += x0 * x0 + x1 * x1;
+            }
+#pragma unroll
+            for (int j = 0; j < MT; j++) {
+                uint32_t b[2];
+                asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                             : "=r"(b[0]), "=r"(b[1])
+                             : "r"(smem_u32(Ps[buf] + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * PLD + j * 8)));
+                mma_bf16(acc[j], a, b[0], b[1]);
+            }
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        ss[h] += __shfl_xor_sync(0xffffffff, ss[h], 1);
+        ss[h] += __shfl_xor_sync(0xffffffff, ss[h], 2);
+        int t = t0 + warp * 16 + lane / 4 + 8 * h;
+        if (t >= BT) continue;
+        if (lane % 4 == 0) rms[t] = sqrtf(ss[h] / nC + 1e-6f);
+#pragma unroll
+        for (int j = 0; j < MT; j++)
+            *reinterpret_cast<float2 *>(p + (size_t)t * m + j * 8 + 2 * (lane % 4)) = make_float2(acc[j][2 * h], acc[j][2 * h + 1]);
+    }
+}
+
+// dH += pre_i du + dp @ phi^T + kx * H: the pre-mix, projection and rms terms of the backward in one
+// pass over dH (the pre-mix kernel then only computes dpre).
+// grid: (ceil(BT / 64), nC / 64) blocks of 128 threads; one 64-token x 64-channel tile each
+template <int N>
+__global__ void __launch_bounds__(128) mhc_proj_backward_kernel(floatX *dH, const floatX *H, const floatX *dp, const float *kx,
+                                                                const floatX *phi, const floatX *du, const float *pre, int BT, int C) {
+    int nC = N * C, stream = blockIdx.y * 64 / C, cu = blockIdx.y * 64 % C;   // the tile's stream and channel offset (C % 64 == 0)
+    constexpr int m = N * N + 2 * N, MC = m / 8 > 0 ? m / 8 : 1, MK = (m + 15) / 16 * 16, KLD = MK + 8;   // m % 8 == 0 when launched
+    // the du tile is prefetched with the others where static shared memory allows (n <= 6), else
+    // loaded into the dp/phi space once the products are done
+    constexpr bool DU_EARLY = (2 * 64 * MP_LD + 2 * 64 * KLD + 64 * MP_LD) * 2 <= 48 * 1024;
+    __shared__ __align__(16) floatX Hs[64 * MP_LD], dHs[64 * MP_LD];
+    __shared__ __align__(16) floatX DPs[2 * 64 * KLD];   // dp tile [token][k], phi rows [channel][k]; k in [m, MK) zero
+    __shared__ __align__(16) floatX Us_early[DU_EARLY ? 64 * MP_LD : 8];
+    floatX *Ds = DPs, *Ps = DPs + 64 * KLD, *Us = DU_EARLY ? Us_early : DPs;
+    static_assert(DU_EARLY || 2 * KLD >= MP_LD, "du tile must fit in the dp/phi space");
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t0 = blockIdx.x * 64, c0 = blockIdx.y * 64;
+    fa_load_tile(Hs, H + (size_t)t0 * nC + c0, BT - t0, nC);
+    fa_load_tile(dHs, dH + (size_t)t0 * nC + c0, BT - t0, nC);
+    if (DU_EARLY) fa_load_tile(Us, du + (size_t)t0 * C + cu, BT - t0, C);
+    for (int i = threadIdx.x; i < 64 * MC; i += blockDim.x) {
+        int r = i / MC, q = (i % MC) * 8;
+        bool ok = t0 + r < BT;
+        cp_async16(Ds + r * KLD + q, dp + (ok ? (size_t)(t0 + r) * m + q : 0), ok);
+        cp_async16(Ps + r * KLD + q, phi + (size_t)(c0 + r) * m + q, true);
+    }
+    cp_async_commit();
+    if (MK > m)
+        for (int r = threadIdx.x; r < 64; r += blockDim.x) {
+            *reinterpret_cast<int4 *>(Ds + r * KLD + m) = make_int4(0, 0, 0, 0);
+            *reinterpret_cast<int4 *>(Ps + r * KLD + m) = make_int4(0, 0, 0, 0);
+        }
+    cp_async_wait<0>();
+    __syncthreads();
+    float acc[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < MK / 16; kk++) {
+        uint32_t a[4];
+        ldsm_x4(a, Ds + (warp * 16 + lane % 16) * KLD + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+        for (int jp = 0; jp < 4; jp++) {
+            uint32_t b[4];
+            ldsm_x4(b, Ps + ((lane % 8) + (lane / 16) * 8 + jp * 16) * KLD + kk * 16 + ((lane / 8) % 2) * 8);
+            mma_bf16(acc[2 * jp], a, b[0], b[1]);
+            mma_bf16(acc[2 * jp + 1], a, b[2], b[3]);
+        }
+    }
+    if (!DU_EARLY) {
+        __syncthreads();   // every warp is done with the dp/phi tiles
+        fa_load_tile(Us, du + (size_t)t0 * C + cu, BT - t0, C);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+    }
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        int r = warp * 16 + lane / 4 + 8 * h;
+        bool ok = t0 + r < BT;
+        float k = ok ? kx[t0 + r] : 0.0f, pr = ok ? pre[(size_t)(t0 + r) * N + stream] : 0.0f;
+        const floatX *durow = Us + r * MP_LD;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            int col = j * 8 + 2 * (lane % 4);
+            __nv_bfloat162 hv = *reinterpret_cast<__nv_bfloat162 *>(&Hs[r * MP_LD + col]);
+            __nv_bfloat162 uv = *reinterpret_cast<const __nv_bfloat162 *>(durow + col);
+            __nv_bfloat162 *dv = reinterpret_cast<__nv_bfloat162 *>(&dHs[r * MP_LD + col]);
+            float d0 = __low2float(*dv) + acc[j][2 * h] + k * __low2float(hv) + pr * __low2float(uv);
+            float d1 = __high2float(*dv) + acc[j][2 * h + 1] + k * __high2float(hv) + pr * __high2float(uv);
+            *dv = __floats2bfloat162_rn(d0, d1);
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < 64 * 8; i += blockDim.x) {   // 16-byte coalesced stores of the tile
+        int r = i >> 3, c = (i & 7) * 8;
+        if (t0 + r < BT) store128(dH + (size_t)(t0 + r) * nC + c0 + c, *reinterpret_cast<x128 *>(&dHs[r * MP_LD + c]));
+    }
+}
+
+// the tensor-core mHC products apply: C a multiple of 64 (a 64-column tile lies in one stream),
+// rows of m = n^2 + 2n bf16 in 16-byte pieces (n even)
+static int mhc_fused(int C, int m) { return C % 64 == 0 && m % 8 == 0; }
+#endif
+
+// the mHC backward adds the pre-mix term pre_i du to dH in its tensor-core pass
+static int mhc_fuses_premix(const GPTHCConfig *c) {
+#if defined(ENABLE_FP32)
+    (void)c;
+    return 0;
+#else
+    return c->mode == MODE_MHC && mhc_fused(c->channels, mhc_width(c->n));
+#endif
+}
+
 
 __global__ void mhc_small_scatter_kernel(float *dbias, float *dalpha, const float *sums, int m) {
     for (int k = threadIdx.x; k < m + 3; k += blockDim.x) {
@@ -1133,20 +1993,20 @@ __global__ void sumsq_partial_kernel(double *partial, const float *g, size_t N) 
 
 // activations: floatX tensors, then fp32 tensors (statistics and HC coefficients)
 #define NUM_ACTX 13
-#define NUM_ACTF 15
+#define NUM_ACTF 16
 typedef struct {
     floatX *H, *u, *y, *ln, *qkv, *atty, *att, *fch, *fch_gelu, *hsum, *lnf, *logits, *scratchx;
-    float *ln_mean, *ln_rstd, *pre, *post, *res, *hcn_mean, *hcn_rstd, *hc_ta, *hc_tb, *mhc_rms, *mhc_z, *lnf_mean, *lnf_rstd, *losses, *lse;
+    float *ln_mean, *ln_rstd, *pre, *post, *res, *hcn_mean, *hcn_rstd, *hc_ta, *hc_tb, *mhc_rms, *mhc_z, *lnf_mean, *lnf_rstd, *losses, *lse, *att_lse;
 } ActivationTensors;
 
 static void fill_activation_sizes(size_t *sx, size_t *sf, const GPTHCConfig *c, int B, int T) {
     size_t BT = (size_t)B * T, C = c->channels, L = c->num_layers, K = 2 * L, n = c->n, NH = c->num_heads, Vp = c->padded_vocab_size;
-    int hc = c->mode != MODE_RESIDUAL, dhc = c->mode == MODE_DHC, mhc = c->mode == MODE_MHC;
+    int hc = c->mode != MODE_RESIDUAL, dhc = c->mode == MODE_DHC, mhc = c->mode == MODE_MHC, fa = use_flash((int)C, (int)NH);
     size_t x[NUM_ACTX] = {(K + 1) * BT * n * C, hc ? K * BT * C : 0, K * BT * C, K * BT * C, L * BT * 3 * C, L * BT * C,
-                          L * B * NH * T * T, L * BT * 4 * C, L * BT * 4 * C, BT * C, BT * C, BT * Vp, BT * C};
+                          fa ? 0 : L * B * NH * T * T, L * BT * 4 * C, L * BT * 4 * C, BT * C, BT * C, BT * Vp, BT * C};
     size_t f[NUM_ACTF] = {K * BT, K * BT, hc ? K * BT * n : 0, hc ? K * BT * n : 0, hc ? K * BT * n * n : 0,
                           dhc ? K * BT * n : 0, dhc ? K * BT * n : 0, dhc ? K * BT * n * (n + 1) : 0, dhc ? K * BT * n : 0,
-                          mhc ? K * BT : 0, mhc ? K * BT * mhc_width(n) : 0, BT, BT, BT, BT};
+                          mhc ? K * BT : 0, mhc ? K * BT * mhc_width(n) : 0, BT, BT, BT, BT, fa ? L * B * NH * T : 0};
     memcpy(sx, x, sizeof(x));
     memcpy(sf, f, sizeof(f));
 }
@@ -1154,11 +2014,14 @@ static void fill_activation_sizes(size_t *sx, size_t *sf, const GPTHCConfig *c, 
 static void point_activations(ActivationTensors *a, floatX *mx, float *mf, const size_t *sx, const size_t *sf) {
     floatX **px[NUM_ACTX] = {&a->H, &a->u, &a->y, &a->ln, &a->qkv, &a->atty, &a->att, &a->fch, &a->fch_gelu, &a->hsum, &a->lnf, &a->logits, &a->scratchx};
     float **pf[NUM_ACTF] = {&a->ln_mean, &a->ln_rstd, &a->pre, &a->post, &a->res, &a->hcn_mean, &a->hcn_rstd, &a->hc_ta,
-                            &a->hc_tb, &a->mhc_rms, &a->mhc_z, &a->lnf_mean, &a->lnf_rstd, &a->losses, &a->lse};
+                            &a->hc_tb, &a->mhc_rms, &a->mhc_z, &a->lnf_mean, &a->lnf_rstd, &a->losses, &a->lse, &a->att_lse};
     for (int i = 0; i < NUM_ACTX; i++) { *px[i] = mx; mx += sx[i]; }
     for (int i = 0; i < NUM_ACTF; i++) { *pf[i] = mf; mf += sf[i]; }
 }
 
+// the wte backward's host-built index: positions [BT], chunks [4 per chunk, at most BT], multi-chunk
+// buckets [3 each, at most BT]
+#define WTE_BUCKET_INTS(BT) (8 * (BT))
 typedef struct {
     GPTHCConfig config;
     size_t param_sizes[NUM_PARAMETER_TENSORS];
@@ -1176,7 +2039,8 @@ typedef struct {
     int batch_size, seq_len, last_B, last_T;
     int *inputs, *targets;            // device
     int *host_inputs;                 // the last forward's tokens
-    int *bucket_count, *host_buckets, *buckets;   // token-id buckets for the wte backward
+    int *bucket_count, *host_buckets, *buckets;   // token-id buckets and their chunks for the wte backward
+    int *host_toks, *host_offs;                   // distinct tokens of the batch, bucket offsets
     float *host_losses, *host_res;
     float mean_loss;
 } GPTHC;
@@ -1204,6 +2068,7 @@ static void gpt_init_device(void) {
     cublasCheck(cublasSetMathMode(g_cublas, CUBLAS_PEDANTIC_MATH));   // no TF32: the tests compare to float64
 #else
     cublasCheck(cublasSetMathMode(g_cublas, CUBLAS_DEFAULT_MATH));
+    flash_init();
 #endif
     done = 1;
 }
@@ -1275,11 +2140,14 @@ void gpt_ensure_activations(GPTHC *model, int B, int T) {
     model->host_losses = (float *)mallocCheck((size_t)B * T * sizeof(float));
     model->host_inputs = (int *)mallocCheck((size_t)B * T * sizeof(int));
     model->bucket_count = (int *)callocCheck(model->config.vocab_size + 1, sizeof(int));
-    model->host_buckets = (int *)mallocCheck((3 * (size_t)B * T + 1) * sizeof(int));
-    cudaCheck(cudaMalloc(&model->buckets, (3 * (size_t)B * T + 1) * sizeof(int)));
+    model->host_toks = (int *)mallocCheck((size_t)B * T * sizeof(int));
+    model->host_offs = (int *)mallocCheck(((size_t)B * T + 1) * sizeof(int));
+    model->host_buckets = (int *)mallocCheck(WTE_BUCKET_INTS((size_t)B * T) * sizeof(int));
+    cudaCheck(cudaMalloc(&model->buckets, WTE_BUCKET_INTS((size_t)B * T) * sizeof(int)));
 }
 
-static void sublayer_forward(GPTHC *model, int k, const floatX *u, int B, int T) {
+// ln_done: the sublayer's LayerNorm was already computed (fused with the residual add before it)
+static void sublayer_forward(GPTHC *model, int k, const floatX *u, int B, int T, int ln_done = 0) {
     const GPTHCConfig *c = &model->config;
     ActivationTensors *a = &model->acts;
     size_t BT = (size_t)B * T, C = c->channels, l = k / 2, NH = c->num_heads;
@@ -1287,63 +2155,40 @@ static void sublayer_forward(GPTHC *model, int k, const floatX *u, int B, int T)
     float *mean = a->ln_mean + k * BT, *rstd = a->ln_rstd + k * BT;
     if (k % 2 == 0) {
         floatX *qkv = a->qkv + l * BT * 3 * C, *atty = a->atty + l * BT * C, *att = a->att + l * B * NH * T * T;
-        {
-            ProfScope prof_ln(PROF_NORM);
-            layernorm_forward_kernel<<<BT, 256>>>(ln, mean, rstd, u, px(model, P_LN1W) + l * C, px(model, P_LN1B) + l * C, C);
-        kernelCheck();
-        }
+        if (!ln_done) layernorm_forward(ln, mean, rstd, u, px(model, P_LN1W) + l * C, px(model, P_LN1B) + l * C, BT, C);
         matmul_forward(qkv, ln, px(model, P_QKVW) + l * 3 * C * C, px(model, P_QKVB) + l * 3 * C, BT, C, 3 * C);
-        attention_forward(atty, att, qkv, B, T, C, NH);
+        attention_forward(atty, att, a->att_lse + l * B * NH * T, qkv, B, T, C, NH);
         matmul_forward(y, atty, px(model, P_ATTPROJW) + l * C * C, px(model, P_ATTPROJB) + l * C, BT, C, C);
     } else {
         floatX *fch = a->fch + l * BT * 4 * C, *fchg = a->fch_gelu + l * BT * 4 * C;
-        {
-            ProfScope prof_ln(PROF_NORM);
-            layernorm_forward_kernel<<<BT, 256>>>(ln, mean, rstd, u, px(model, P_LN2W) + l * C, px(model, P_LN2B) + l * C, C);
-        kernelCheck();
-        }
+        if (!ln_done) layernorm_forward(ln, mean, rstd, u, px(model, P_LN2W) + l * C, px(model, P_LN2B) + l * C, BT, C);
         matmul_forward(fchg, ln, px(model, P_FCW) + l * 4 * C * C, px(model, P_FCB) + l * 4 * C, BT, C, 4 * C, fch);   // GELU fused
         matmul_forward(y, fchg, px(model, P_FCPROJW) + l * C * 4 * C, px(model, P_FCPROJB) + l * C, BT, 4 * C, C);
     }
 }
 
-// du += d(sublayer input); parameter grads accumulated
-static void sublayer_backward(GPTHC *model, int k, floatX *du, const floatX *dy, const floatX *u, int B, int T) {
+// du += d(sublayer input), or with dres: du = dres + d(sublayer input); parameter grads accumulated
+static void sublayer_backward(GPTHC *model, int k, floatX *du, const floatX *dy, const floatX *u, int B, int T, const floatX *dres = NULL) {
     const GPTHCConfig *c = &model->config;
     ParameterTensors *g = &model->grads;
     ActivationTensors *a = &model->acts, *ga = &model->grads_acts;
     size_t BT = (size_t)B * T, C = c->channels, l = k / 2, NH = c->num_heads;
     floatX *ln = a->ln + k * BT * C, *dln = ga->ln + k * BT * C;
     float *mean = a->ln_mean + k * BT, *rstd = a->ln_rstd + k * BT;
-    float *dwrows;   // taken from scratch slot 2 right before use (attention uses that slot too)
     if (k % 2 == 0) {
         floatX *qkv = a->qkv + l * BT * 3 * C, *atty = a->atty + l * BT * C, *att = a->att + l * B * NH * T * T;
         floatX *dqkv = ga->qkv + l * BT * 3 * C, *datty = ga->atty + l * BT * C;
         matmul_backward(datty, g->attprojw + l * C * C, g->attprojb + l * C, dy, atty, px(model, P_ATTPROJW) + l * C * C, BT, C, C);
-        attention_backward(dqkv, datty, qkv, att, B, T, C, NH);
+        attention_backward(dqkv, datty, atty, att, a->att_lse + l * B * NH * T, qkv, B, T, C, NH);
         matmul_backward(dln, g->qkvw + l * 3 * C * C, g->qkvb + l * 3 * C, dqkv, ln, px(model, P_QKVW) + l * 3 * C * C, BT, C, 3 * C);
-        dwrows = (float *)dscratch(2, BT * C * sizeof(float));
-        {
-            ProfScope prof_ln(PROF_NORM);
-            layernorm_backward_kernel<<<BT, 256>>>(du, dwrows, dln, u, px(model, P_LN1W) + l * C, mean, rstd, C);
-        kernelCheck();
-        colsum(g->ln1w + l * C, dwrows, BT, C);
-        colsum(g->ln1b + l * C, dln, BT, C);
-        }
+        layernorm_backward(du, g->ln1w + l * C, g->ln1b + l * C, dln, u, px(model, P_LN1W) + l * C, mean, rstd, BT, C, dres);
     } else {
         floatX *fch = a->fch + l * BT * 4 * C, *fchg = a->fch_gelu + l * BT * 4 * C;
         floatX *dfch = ga->fch + l * BT * 4 * C;
         matmul_backward(dfch, g->fcprojw + l * C * 4 * C, g->fcprojb + l * C, dy, fchg, px(model, P_FCPROJW) + l * C * 4 * C, BT, 4 * C, C,
                         fch);   // GELU backward fused
         matmul_backward(dln, g->fcw + l * 4 * C * C, g->fcb + l * 4 * C, dfch, ln, px(model, P_FCW) + l * 4 * C * C, BT, C, 4 * C);
-        dwrows = (float *)dscratch(2, BT * C * sizeof(float));
-        {
-            ProfScope prof_ln(PROF_NORM);
-            layernorm_backward_kernel<<<BT, 256>>>(du, dwrows, dln, u, px(model, P_LN2W) + l * C, mean, rstd, C);
-        kernelCheck();
-        colsum(g->ln2w + l * C, dwrows, BT, C);
-        colsum(g->ln2b + l * C, dln, BT, C);
-        }
+        layernorm_backward(du, g->ln2w + l * C, g->ln2b + l * C, dln, u, px(model, P_LN2W) + l * C, mean, rstd, BT, C, dres);
     }
 }
 
@@ -1366,18 +2211,27 @@ static void hc_coeffs_forward(GPTHC *model, int k, const floatX *Hk, int BT) {
         // p = vec(H) @ phi for all tokens: one GEMM (BT x nC) @ (nC x m), fp32 out
         int nC = n * C;
         float *pbuf = (float *)dscratch(0, (size_t)BT * m * sizeof(float));
-        const float one = 1.0f, zero = 0.0f;
-        cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_N, m, BT, nC, &one, px(model, P_MHC_PHI) + (size_t)k * nC * m, CUBLAS_X, m,
-                                 Hk, CUBLAS_X, nC, &zero, pbuf, CUDA_R_32F, m, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-        rms_kernel<<<ceil_div(BT, 4), 128>>>(a->mhc_rms + (size_t)k * BT, Hk, BT, nC);
-        kernelCheck();
+        const floatX *phix = px(model, P_MHC_PHI) + (size_t)k * nC * m;
+#if !defined(ENABLE_FP32)
+        if (mhc_fused(C, m)) {
+            DISPATCH_N(n, mhc_proj_forward_kernel, ceil_div(BT, 64), 128, pbuf, a->mhc_rms + (size_t)k * BT, Hk, phix, BT, nC);
+        } else
+#endif
+        {
+            const float one = 1.0f, zero = 0.0f;
+            cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_N, m, BT, nC, &one, phix, CUBLAS_X, m, Hk, CUBLAS_X, nC, &zero, pbuf,
+                                     CUDA_R_32F, m, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+            rms_kernel<<<ceil_div(BT, 4), 128>>>(a->mhc_rms + (size_t)k * BT, Hk, BT, nC);
+            kernelCheck();
+        }
         DISPATCH_N(n, mhc_coeffs_forward_kernel, ceil_div(BT, 128), 128, pre, post, res, a->mhc_rms + (size_t)k * BT,
                    a->mhc_z + (size_t)k * BT * m, pbuf, p->mhc_bias + (size_t)k * m, p->mhc_alpha + k * 3, BT, n, c->sinkhorn_iters);
     }
     kernelCheck();
 }
 
-static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *Hk, int BT) {
+// du: the sublayer input's gradient, for mHC's fused dH pass (the pre-mix term; see mhc_fuses_premix)
+static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *Hk, const floatX *du, int BT) {
     ProfScope prof(PROF_HC_COEF);
     const GPTHCConfig *c = &model->config;
     ParameterTensors *p = &model->params, *g = &model->grads;
@@ -1429,14 +2283,22 @@ static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *H
         kernelCheck();
         const float one = 1.0f;
         const floatX *phix = px(model, P_MHC_PHI) + (size_t)k * nC * m;
-        // dH += dp @ phi^T ; dphi += vec(H)^T @ dp (fp32 accumulate); measured with ncu, cuBLAS beat a
-        // chunked reduction kernel here (50 us vs 208 us per sublayer at d12)
-        cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_T, CUBLAS_OP_N, nC, BT, m, &one, phix, CUBLAS_X, m, dpx, CUBLAS_X, m,
-                                 &one, dHk, CUBLAS_X, nC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        // dphi += vec(H)^T @ dp (fp32 accumulate); measured with ncu, cuBLAS beat a chunked reduction
+        // kernel here (50 us vs 208 us per sublayer at d12)
         cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_T, m, nC, BT, &one, dpx, CUBLAS_X, m, Hk, CUBLAS_X, nC,
                                  &one, g->mhc_phi + (size_t)k * nC * m, CUDA_R_32F, m, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-        mhc_rms_backward_kernel<<<dim3(BT, ceil_div(nC / X128, 128)), 128>>>(dHk, Hk, kx, nC);
-        kernelCheck();
+        // dH += dp @ phi^T + kx * H (the rms term)
+#if !defined(ENABLE_FP32)
+        if (mhc_fused(C, m)) {
+            DISPATCH_N(n, mhc_proj_backward_kernel, dim3(ceil_div(BT, 64), nC / 64), 128, dHk, Hk, dpx, kx, phix, du, a->pre + o1, BT, C);
+        } else
+#endif
+        {
+            cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_T, CUBLAS_OP_N, nC, BT, m, &one, phix, CUBLAS_X, m, dpx, CUBLAS_X, m,
+                                     &one, dHk, CUBLAS_X, nC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+            mhc_rms_backward_kernel<<<dim3(BT, ceil_div(nC / X128, 128)), 128>>>(dHk, Hk, kx, nC);
+            kernelCheck();
+        }
         float *sums = (float *)dscratch(0, (size_t)(m + 3) * sizeof(float) + 64);
         cudaCheck(cudaMemset(sums, 0, (m + 3) * sizeof(float)));
         colsum(sums, rows, BT, m + 3);
@@ -1466,9 +2328,15 @@ void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int
     for (int k = 0; k < K; k++) {
         floatX *Hk = a->H + k * S, *Hn = a->H + (k + 1) * S, *y = a->y + k * BT * C;
         if (c->mode == MODE_RESIDUAL) {
-            sublayer_forward(model, k, Hk, B, T);
-            add_kernel<<<ceil_div(BT * C, 256), 256>>>(Hn, Hk, y, BT * C);
-            kernelCheck();
+            sublayer_forward(model, k, Hk, B, T, k > 0);
+            if (k + 1 < K) {   // H^{k+1} = H^k + y and the next sublayer's LayerNorm, one pass
+                int k1 = k + 1, l1 = k1 / 2;
+                layernorm_forward(a->ln + k1 * BT * C, a->ln_mean + k1 * BT, a->ln_rstd + k1 * BT, Hk,
+                                  px(model, k1 % 2 ? P_LN2W : P_LN1W) + l1 * C, px(model, k1 % 2 ? P_LN2B : P_LN1B) + l1 * C, BT, C, y, Hn);
+            } else {
+                add_kernel<<<ceil_div(BT * C, 256), 256>>>(Hn, Hk, y, BT * C);
+                kernelCheck();
+            }
         } else {
             floatX *u = a->u + k * BT * C;
             hc_coeffs_forward(model, k, Hk, BT);
@@ -1484,11 +2352,7 @@ void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int
         }
     }
     stream_sum_kernel<<<dim3(BT, ceil_div(C, 256)), 256>>>(a->hsum, a->H + K * S, BT, n, C);
-    {
-        ProfScope prof_ln(PROF_NORM);
-        layernorm_forward_kernel<<<BT, 256>>>(a->lnf, a->lnf_mean, a->lnf_rstd, a->hsum, px(model, P_LNFW), px(model, P_LNFB), C);
-    kernelCheck();
-    }
+    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, a->hsum, px(model, P_LNFW), px(model, P_LNFB), BT, C);
     matmul_forward(a->logits, a->lnf, px(model, P_WTE), NULL, BT, C, Vp);
     if (targets != NULL) {
         ProfScope prof_cls(PROF_CLASSIFIER);
@@ -1525,30 +2389,22 @@ void gpt_backward(GPTHC *model, float loss_scale) {
     size_t BT = (size_t)B * T, S = BT * n * C;
     ParameterTensors *g = &model->grads;
     ActivationTensors *a = &model->acts, *ga = &model->grads_acts;
-    // only the stream-state gradients accumulate; everything else is written before it is read
-    cudaCheck(cudaMemset(ga->H, 0, (size_t)(K + 1) * S * sizeof(floatX)));
+    // every gradient buffer is written before it is read: dH^K by the stream-sum backward, each
+    // dH^k first by the post-mix backward (or, residual, the LayerNorm backward), then accumulated
     {
         ProfScope prof_cls(PROF_CLASSIFIER);
         classifier_backward_kernel<<<BT, 256>>>(ga->logits, a->logits, a->lse, model->targets, loss_scale / (float)BT, V, Vp);
         kernelCheck();
     }
     matmul_backward(ga->lnf, g->wte, NULL, ga->logits, a->lnf, px(model, P_WTE), BT, C, Vp);
-    float *dwrows = (float *)dscratch(2, BT * C * sizeof(float));
     cudaCheck(cudaMemset(ga->hsum, 0, BT * C * sizeof(floatX)));
-    {
-        ProfScope prof_ln(PROF_NORM);
-        layernorm_backward_kernel<<<BT, 256>>>(ga->hsum, dwrows, ga->lnf, a->hsum, px(model, P_LNFW), a->lnf_mean, a->lnf_rstd, C);
-    kernelCheck();
-    colsum(g->lnfw, dwrows, BT, C);
-    colsum(g->lnfb, ga->lnf, BT, C);
-    }
+    layernorm_backward(ga->hsum, g->lnfw, g->lnfb, ga->lnf, a->hsum, px(model, P_LNFW), a->lnf_mean, a->lnf_rstd, BT, C);
     stream_sum_backward_kernel<<<dim3(BT, ceil_div(C, 256)), 256>>>(ga->H + K * S, ga->hsum, BT, n, C);
     kernelCheck();
     for (int k = K - 1; k >= 0; k--) {
         floatX *Hk = a->H + k * S, *dHk = ga->H + k * S, *dHn = ga->H + (k + 1) * S;
         if (c->mode == MODE_RESIDUAL) {
-            cudaCheck(cudaMemcpy(dHk, dHn, S * sizeof(floatX), cudaMemcpyDeviceToDevice));   // dH^k = dH^{k+1} + du
-            sublayer_backward(model, k, dHk, dHn, Hk, B, T);
+            sublayer_backward(model, k, dHk, dHn, Hk, B, T, dHn);   // dH^k = dH^{k+1} + du
         } else {
             floatX *u = a->u + k * BT * C, *du = ga->u + k * BT * C, *dy = ga->y + k * BT * C;
             size_t o1 = k * BT * n, o2 = k * BT * n * n;
@@ -1562,17 +2418,20 @@ void gpt_backward(GPTHC *model, float loss_scale) {
             sublayer_backward(model, k, du, dy, u, B, T);
             {
                 ProfScope prof(PROF_HC);
-                DISPATCH_N(n, hc_premix_backward_kernel, ceil_div(BT, 4), 128, dHk, ga->pre + o1, du, Hk, a->pre + o1, (int)BT, C);
+                DISPATCH_N(n, hc_premix_backward_kernel, ceil_div(BT, 4), 128, mhc_fuses_premix(c) ? NULL : dHk, ga->pre + o1, du, Hk,
+                           a->pre + o1, (int)BT, C);
                 kernelCheck();
             }
-            hc_coeffs_backward(model, k, dHk, Hk, BT);
+            hc_coeffs_backward(model, k, dHk, Hk, du, BT);
         }
     }
-    // bucket the positions by token id (counting sort, stable): tokens[u], offsets[u..], positions
+    // bucket the positions by token id (counting sort, stable; distinct tokens in order of first
+    // appearance), then cut the buckets into chunks of at most WTE_CHUNK positions
     int *cnt = model->bucket_count, *hb = model->host_buckets, nu = 0;
+    int *pos = hb, *chunks = hb + BT, *multi = chunks + 4 * BT;
+    int *toks = model->host_toks, *offs = model->host_offs;
     for (size_t i = 0; i < BT; i++) cnt[model->host_inputs[i]]++;
-    int *toks = hb, *offs = hb + BT, *pos = hb + 2 * BT + 1;
-    for (size_t i = 0; i < BT; i++) {          // distinct tokens in order of first appearance
+    for (size_t i = 0; i < BT; i++) {
         int t = model->host_inputs[i];
         if (cnt[t] > 0) { toks[nu] = t; offs[nu + 1] = cnt[t]; cnt[t] = -(nu + 1); nu++; }
     }
@@ -1581,9 +2440,23 @@ void gpt_backward(GPTHC *model, float loss_scale) {
     for (int u = 0; u < nu; u++) cnt[toks[u]] = offs[u];   // next free slot of each bucket
     for (size_t i = 0; i < BT; i++) pos[cnt[model->host_inputs[i]]++] = (int)i;
     for (int u = 0; u < nu; u++) cnt[toks[u]] = 0;
-    cudaCheck(cudaMemcpy(model->buckets, hb, (3 * BT + 1) * sizeof(int), cudaMemcpyHostToDevice));
-    wte_backward_kernel<<<dim3(nu, ceil_div(C, 128)), 128>>>(g->wte, ga->H, model->buckets, model->buckets + BT,
-                                                            model->buckets + 2 * BT + 1, n, C);
+    int nchunks = 0, nmulti = 0, nslots = 0;
+    for (int u = 0; u < nu; u++) {
+        int len = offs[u + 1] - offs[u], k = (len + g_wte_chunk - 1) / g_wte_chunk;
+        if (k > 1) { multi[3 * nmulti] = toks[u]; multi[3 * nmulti + 1] = nslots; multi[3 * nmulti + 2] = k; nmulti++; }
+        for (int q = 0; q < k; q++, nchunks++) {
+            int *ch = chunks + 4 * nchunks;
+            ch[0] = toks[u];
+            ch[1] = offs[u] + q * g_wte_chunk;
+            ch[2] = min(offs[u + 1], ch[1] + g_wte_chunk);
+            ch[3] = k > 1 ? nslots++ : -1;
+        }
+    }
+    cudaCheck(cudaMemcpy(model->buckets, hb, WTE_BUCKET_INTS(BT) * sizeof(int), cudaMemcpyHostToDevice));
+    float *partial = (float *)dscratch(0, ((size_t)nslots + 1) * C * sizeof(float));
+    wte_backward_kernel<<<dim3(nchunks, ceil_div(C, 128)), 128>>>(g->wte, partial, ga->H, model->buckets + BT, model->buckets, n, C);
+    if (nmulti > 0)
+        wte_backward_finish_kernel<<<dim3(nmulti, ceil_div(C, 128)), 128>>>(g->wte, partial, model->buckets + 5 * BT, C);
     wpe_backward_kernel<<<dim3(T, ceil_div(C, 128)), 128>>>(g->wpe, ga->H, B, T, n, C);
     kernelCheck();
 }
@@ -1715,6 +2588,8 @@ void gpt_free(GPTHC *model) {
     free(model->host_res);
     free(model->host_inputs);
     free(model->bucket_count);
+    free(model->host_toks);
+    free(model->host_offs);
     free(model->host_buckets);
     cudaFree(model->buckets);
 }

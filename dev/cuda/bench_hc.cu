@@ -1,0 +1,172 @@
+/*
+HC/mHC kernels of train_gpt_hc.cu timed against their memory floor (issues 4 and 5), n = 4:
+  mhc projection forward   1: cuBLAS GEMM p = vec(H) @ phi, then rms_kernel (two passes over H)
+                           2: mhc_proj_forward_kernel (tensor cores, rms from the same tiles)
+  mhc dH backward          1: pre-mix backward (dH += pre_i du, dpre), cuBLAS dH += dp @ phi^T,
+                              then mhc_rms_backward_kernel (three passes over dH)
+                           2: pre-mix backward computing dpre only, then mhc_proj_backward_kernel
+                              (one pass: dH += pre_i du + dp @ phi^T + kx H)
+  and the trainer's mixing kernels (pre-mix, post-mix + residual merge, forward and backward).
+Each variant 2 is checked against its variant 1 on random inputs first. Floor = bytes that must
+move (each input read once, each output written once) / the measured device-to-device copy rate.
+    make dev/cuda/bench_hc && ./dev/cuda/bench_hc [B*T] [C]     (default 16384 768)
+*/
+#define TESTING
+#include "../../train_gpt_hc.cu"
+#include "../../llmc/test_report.h"
+
+#if defined(ENABLE_FP32)
+#error "bench_hc times the bf16 kernels: build without ENABLE_FP32"
+#endif
+
+#define NN 4
+#define MM (NN * NN + 2 * NN)
+
+static double g_copy_gbs;   // measured copy rate, bytes read + written per second / 1e9
+
+template <typename F>
+static float median_ms(F f, int reps = 21) {
+    cudaEvent_t a, b;
+    cudaEventCreate(&a);
+    cudaEventCreate(&b);
+    f();   // warm-up
+    float t[64];
+    for (int r = 0; r < reps; r++) {
+        cudaEventRecord(a);
+        f();
+        cudaEventRecord(b);
+        cudaCheck(cudaEventSynchronize(b));
+        cudaEventElapsedTime(&t[r], a, b);
+    }
+    kernelCheck();
+    for (int i = 0; i < reps; i++)
+        for (int j = i + 1; j < reps; j++)
+            if (t[j] < t[i]) { float x = t[i]; t[i] = t[j]; t[j] = x; }
+    return t[reps / 2];
+}
+
+static void row(const char *name, float ms, double bytes) {
+    double floor_ms = bytes / (g_copy_gbs * 1e9) * 1e3;
+    printf("%-44s %9.1f us %9.1f us floor %6.0f%% of floor speed\n", name, ms * 1e3, floor_ms * 1e3, 100.0 * floor_ms / ms);
+}
+
+static floatX *rand_dev(size_t n, float scale, uint64_t *rng) {
+    float *h = (float *)mallocCheck(n * sizeof(float));
+    floatX *x = (floatX *)mallocCheck(n * sizeof(floatX)), *d;
+    rng_normal_fill(rng, h, n, 0.0f, scale);
+    for (size_t i = 0; i < n; i++) x[i] = (floatX)h[i];
+    cudaCheck(cudaMalloc(&d, n * sizeof(floatX)));
+    cudaCheck(cudaMemcpy(d, x, n * sizeof(floatX), cudaMemcpyHostToDevice));
+    free(h);
+    free(x);
+    return d;
+}
+
+static float *rand_devf(size_t n, float mean, float scale, uint64_t *rng) {
+    float *h = (float *)mallocCheck(n * sizeof(float)), *d;
+    rng_normal_fill(rng, h, n, mean, scale);
+    cudaCheck(cudaMalloc(&d, n * sizeof(float)));
+    cudaCheck(cudaMemcpy(d, h, n * sizeof(float), cudaMemcpyHostToDevice));
+    free(h);
+    return d;
+}
+
+static double rel_err(const floatX *a, const floatX *b, size_t n) {
+    float *x = floatx_to_host(a, n), *y = floatx_to_host(b, n);
+    double e, m;
+    diff_stats(x, y, n, &e, &m);
+    free(x);
+    free(y);
+    return e / m;
+}
+
+int main(int argc, char **argv) {
+    int BT = argc > 1 ? atoi(argv[1]) : 16384, C = argc > 2 ? atoi(argv[2]) : 768, nC = NN * C;
+    if (BT < 1 || C < 64 || C % 64) die("usage: bench_hc [B*T] [C a multiple of 64]");
+    gpt_init_device();
+    uint64_t rng = 5;
+    size_t nh = (size_t)BT * nC;
+    // copy rate: 2 GB moved (1 GB read + 1 GB written) per copy
+    {
+        void *a, *b;
+        size_t sz = (size_t)1 << 30;
+        cudaCheck(cudaMalloc(&a, sz));
+        cudaCheck(cudaMalloc(&b, sz));
+        cudaCheck(cudaMemset(a, 1, sz));
+        float ms = median_ms([&] { cudaCheck(cudaMemcpy(b, a, sz, cudaMemcpyDeviceToDevice)); }, 9);
+        g_copy_gbs = 2.0 * sz / (ms * 1e-3) / 1e9;
+        cudaFree(a);
+        cudaFree(b);
+    }
+    printf("BT=%d C=%d n=%d bf16; device-to-device copy %.0f GB/s (read + write)\n", BT, C, NN, g_copy_gbs);
+    floatX *H = rand_dev(nh, 1.0f, &rng), *dH = rand_dev(nh, 1.0f, &rng), *dH2, *phi = rand_dev((size_t)nC * MM, 0.02f, &rng);
+    floatX *dp = rand_dev((size_t)BT * MM, 1.0f, &rng), *y = rand_dev((size_t)BT * C, 1.0f, &rng), *u, *Hn;
+    floatX *dy, *du = rand_dev((size_t)BT * C, 1.0f, &rng);
+    float *p0, *p1, *r0, *r1, *kx = rand_devf(BT, 0.0f, 0.01f, &rng);
+    float *pre = rand_devf((size_t)BT * NN, 0.5f, 0.1f, &rng), *post = rand_devf((size_t)BT * NN, 1.0f, 0.1f, &rng);
+    float *res = rand_devf((size_t)BT * NN * NN, 0.25f, 0.05f, &rng), *dpre, *dpost, *dres;
+    cudaCheck(cudaMalloc(&dH2, nh * sizeof(floatX)));
+    cudaCheck(cudaMalloc(&Hn, nh * sizeof(floatX)));
+    cudaCheck(cudaMalloc(&u, (size_t)BT * C * sizeof(floatX)));
+    cudaCheck(cudaMalloc(&dy, (size_t)BT * C * sizeof(floatX)));
+    cudaCheck(cudaMalloc(&p0, (size_t)BT * MM * sizeof(float)));
+    cudaCheck(cudaMalloc(&p1, (size_t)BT * MM * sizeof(float)));
+    cudaCheck(cudaMalloc(&r0, BT * sizeof(float)));
+    cudaCheck(cudaMalloc(&r1, BT * sizeof(float)));
+    cudaCheck(cudaMalloc(&dpre, (size_t)BT * NN * sizeof(float)));
+    cudaCheck(cudaMalloc(&dpost, (size_t)BT * NN * sizeof(float)));
+    cudaCheck(cudaMalloc(&dres, (size_t)BT * NN * NN * sizeof(float)));
+    const float one = 1.0f, zero = 0.0f;
+    auto fwd1 = [&] {
+        cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_N, MM, BT, nC, &one, phi, CUBLAS_X, MM, H, CUBLAS_X, nC, &zero, p0,
+                                 CUDA_R_32F, MM, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        rms_kernel<<<ceil_div(BT, 4), 128>>>(r0, H, BT, nC);
+    };
+    auto fwd2 = [&] { mhc_proj_forward_kernel<NN><<<ceil_div(BT, 64), 128>>>(p1, r1, H, phi, BT, nC); };
+    float *dpre1;
+    cudaCheck(cudaMalloc(&dpre1, (size_t)BT * NN * sizeof(float)));
+    auto bwd1 = [&] {
+        hc_premix_backward_kernel<NN><<<ceil_div(BT, 4), 128>>>(dH, dpre1, du, H, pre, BT, C);
+        cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_T, CUBLAS_OP_N, nC, BT, MM, &one, phi, CUBLAS_X, MM, dp, CUBLAS_X, MM, &one, dH,
+                                 CUBLAS_X, nC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        mhc_rms_backward_kernel<<<dim3(BT, ceil_div(nC / X128, 128)), 128>>>(dH, H, kx, nC);
+    };
+    auto bwd2 = [&] {
+        hc_premix_backward_kernel<NN><<<ceil_div(BT, 4), 128>>>(NULL, dpre1, du, H, pre, BT, C);
+        mhc_proj_backward_kernel<NN><<<dim3(ceil_div(BT, 64), nC / 64), 128>>>(dH2, H, dp, kx, phi, du, pre, BT, C);
+    };
+    // correctness of the variants 2 (one application each, from the same dH)
+    cudaCheck(cudaMemcpy(dH2, dH, nh * sizeof(floatX), cudaMemcpyDeviceToDevice));
+    fwd1(); fwd2(); bwd1(); bwd2();
+    kernelCheck();
+    {
+        float *a = (float *)mallocCheck((size_t)BT * MM * 4), *b = (float *)mallocCheck((size_t)BT * MM * 4);
+        cudaCheck(cudaMemcpy(a, p0, (size_t)BT * MM * 4, cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(b, p1, (size_t)BT * MM * 4, cudaMemcpyDeviceToHost));
+        double e, m;
+        diff_stats(b, a, (size_t)BT * MM, &e, &m);
+        double ed = rel_err(dH2, dH, nh);
+        printf("check: projection forward p rel err %.1e, dH backward rel err %.1e -> %s\n", e / m, ed,
+               e / m < 1e-3 && ed < 1e-2 ? "agree" : "DISAGREE");
+        free(a);
+        free(b);
+    }
+    double hb = (double)nh * 2, xb = (double)BT * C * 2;
+    row("mhc proj fwd 1: cuBLAS GEMM + rms kernel", median_ms(fwd1), hb + BT * MM * 4.0);
+    row("mhc proj fwd 2: tensor-core kernel", median_ms(fwd2), hb + BT * MM * 4.0);
+    row("mhc dH bwd 1: pre-mix bwd + cuBLAS + rms bwd", median_ms(bwd1), 3 * hb + xb);
+    row("mhc dH bwd 2: dpre pass + tensor-core kernel", median_ms(bwd2), 3 * hb + xb);
+    row("pre-mix forward u = sum pre_i H_i", median_ms([&] {
+            hc_premix_forward_kernel<NN><<<ceil_div(BT, 4), 128>>>(u, H, pre, BT, C);
+        }), hb + xb);
+    row("post-mix forward H' = res H + post y", median_ms([&] {
+            hc_postmix_forward_kernel<NN><<<ceil_div(BT, 4), 128>>>(Hn, H, y, post, res, BT, C);
+        }), 2 * hb + xb);
+    row("post-mix backward (dH, dy, dpost, dres)", median_ms([&] {
+            hc_postmix_backward_kernel<NN><<<ceil_div(BT, 4), 128>>>(dH2, dy, dpost, dres, dH, H, y, post, res, BT, C);
+        }), 3 * hb + 2 * xb);
+    row("pre-mix backward (dH +=, dpre)", median_ms([&] {
+            hc_premix_backward_kernel<NN><<<ceil_div(BT, 4), 128>>>(dH2, dpre, du, H, pre, BT, C);
+        }), 3 * hb + xb);
+    return 0;
+}
