@@ -807,12 +807,13 @@ static void attention_backward_cublas(floatX *dqkv, const floatX *dout, const fl
 #if !defined(ENABLE_FP32)
 // ----------------------------------------------------------------------------
 // fused causal attention (the FlashAttention-2 algorithm) on bf16 tensor cores, head size 64.
-// mma.sync m16n8k16 with fp32 accumulators kept in registers: each warp owns 16 rows of a
-// 64-row tile, so row statistics stay in registers and the score fragments turn into the
-// next product's A operand without touching shared memory. Reads q, k, v straight from the
-// (B, T, 3C) qkv tensor and writes (B, T, C); stores only the row logsumexp for the backward.
-// The backward recomputes P; dK/dV (one block per key tile) and dQ (one block per query tile)
-// are separate kernels so every gradient element has one writer: deterministic, no atomics.
+// mma.sync m16n8k16 with fp32 accumulators kept in registers: each warp owns 16 rows (a block of
+// W warps owns 16 W), so row statistics stay in registers and the score fragments turn into the
+// next product's A operand without touching shared memory; the other operand streams through
+// shared memory in 64-row tiles. Reads q, k, v straight from the (B, T, 3C) qkv tensor and writes
+// (B, T, C); stores only the row logsumexp for the backward. The backward recomputes P; dK/dV (one
+// block per key block) and dQ (one block per query block) are separate kernels so every gradient
+// element has one writer: deterministic, no atomics.
 
 #define FA_HS 64   // head size
 #define FA_BR 64   // rows of a tile (queries or keys)
