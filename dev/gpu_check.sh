@@ -1,7 +1,7 @@
 #!/bin/bash
 # One pass over a GPU machine: build (or reuse carried binaries), the CUDA tests, the attention
 # variants, the trainer benchmark. Logs go to $OUT (or ./out) so they can be fetched afterwards.
-#   bash dev/gpu_check.sh [test] [attn] [hc] [bench] [bench24] [profile] [ncu] [sanitize]   (default: test attn hc bench)
+#   bash dev/gpu_check.sh [test] [attn] [hc] [bench] [bench24] [table] [profile] [ncu] [sanitize]   (default: test attn hc bench)
 set -o pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -39,6 +39,9 @@ for s in $steps; do
         compute-sanitizer --tool racecheck --print-limit 5 ./dev/cuda/bench_attention 1 128 2 2>&1 | tee "$OUT/racecheck_attn.txt" | grep -E "RACECHECK SUMMARY|agree" || rc=1
         compute-sanitizer --tool racecheck --print-limit 5 ./dev/cuda/bench_hc 256 64 2>&1 | tee "$OUT/racecheck_hc.txt" | grep -E "RACECHECK SUMMARY|check" || rc=1 ;;
     bench24) python3 dev/bench_cuda.py --steps 6 --depth 24 --modes residual mhc:4 2>&1 | tee "$OUT/bench_d24.txt" || rc=1 ;;
+    table)   # every mode at n = 2, 4, 8 for d12 and d24 (issue 5's table)
+        python3 dev/bench_cuda.py --steps 6 --depth 12 24 --modes residual shc:2 shc:4 shc:8 dhc:2 dhc:4 dhc:8 mhc:2 mhc:4 mhc:8 \
+            2>&1 | tee "$OUT/bench_table.txt" || rc=1 ;;
     *) echo "unknown step $s"; rc=1 ;;
     esac
 done
