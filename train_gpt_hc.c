@@ -924,11 +924,7 @@ static void hc_coeffs_backward(GPTHC *model, int k, float *dHk, const float *Hk,
 void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int T) {
     const GPTHCConfig *c = &model->config;
     int V = c->vocab_size, Vp = c->padded_vocab_size, C = c->channels, n = c->n, K = 2 * c->num_layers;
-    if (T > c->max_seq_len) die("sequence length %d exceeds the model's max_seq_len %d", T, c->max_seq_len);
-    for (int i = 0; i < B * T; i++) {
-        if (inputs[i] < 0 || inputs[i] >= V) die("input token id %d out of range [0, %d)", inputs[i], V);
-        if (targets != NULL && (targets[i] < 0 || targets[i] >= V)) die("target token id %d out of range [0, %d)", targets[i], V);
-    }
+    check_batch(c, inputs, targets, B, T);
     gpt_ensure_activations(model, B, T);
     model->last_B = B;
     model->last_T = T;

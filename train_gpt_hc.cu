@@ -1607,9 +1607,28 @@ __global__ void dhc_param_finish_kernel(float *dWa, float *dWb, float *dlnw, flo
 // Sinkhorn-Knopp for one token in registers. trace (optional, for the backward): the matrix
 // after every half-step and its normalizers, element e of the token at trace[e * stride], so
 // the threads of a warp (consecutive tokens) touch consecutive addresses
+// one half-iteration h of Sinkhorn-Knopp: line a (entries a SA + b SB) divided by its sum s[a];
+// with a trace, M after it goes to slot h + 1 of trace_P and s to slot h of trace_s
+template <int N, int SA, int SB>
+__device__ __forceinline__ void sinkhorn_half(float *M, int h, float *trace_P, float *trace_s, int stride) {
+#pragma unroll
+    for (int a = 0; a < N; a++) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int b = 0; b < N; b++) sum += M[a * SA + b * SB];
+        float inv = 1.0f / sum;
+#pragma unroll
+        for (int b = 0; b < N; b++) M[a * SA + b * SB] *= inv;
+        if (trace_s) trace_s[((size_t)h * N + a) * stride] = sum;
+    }
+    if (trace_P)
+#pragma unroll
+        for (int q = 0; q < N * N; q++) trace_P[((size_t)(h + 1) * N * N + q) * stride] = M[q];
+}
+
 template <int N>
 __device__ void sinkhorn_fwd_dev(float *out, const float *X, int iters, float *trace_P, float *trace_s, int stride) {
-    constexpr int n = N, nn = N * N;
+    constexpr int nn = N * N;
     float M[nn], mx = -FLT_MAX;
 #pragma unroll
     for (int q = 0; q < nn; q++) mx = fmaxf(mx, X[q]);
@@ -1617,39 +1636,8 @@ __device__ void sinkhorn_fwd_dev(float *out, const float *X, int iters, float *t
     for (int q = 0; q < nn; q++) M[q] = expf(X[q] - mx);
     if (trace_P) for (int q = 0; q < nn; q++) trace_P[(size_t)q * stride] = M[q];
     for (int it = 0; it < iters; it++) {
-        float s[n];
-#pragma unroll
-        for (int a = 0; a < n; a++) {   // columns
-            float sum = 0.0f;
-#pragma unroll
-            for (int b = 0; b < n; b++) sum += M[b * n + a];
-            s[a] = sum;
-            float inv = 1.0f / sum;
-#pragma unroll
-            for (int b = 0; b < n; b++) M[b * n + a] *= inv;
-        }
-        if (trace_P) {
-#pragma unroll
-            for (int q = 0; q < nn; q++) trace_P[((size_t)(2 * it + 1) * nn + q) * stride] = M[q];
-#pragma unroll
-            for (int a = 0; a < n; a++) trace_s[((size_t)(2 * it) * n + a) * stride] = s[a];
-        }
-#pragma unroll
-        for (int a = 0; a < n; a++) {   // rows
-            float sum = 0.0f;
-#pragma unroll
-            for (int b = 0; b < n; b++) sum += M[a * n + b];
-            s[a] = sum;
-            float inv = 1.0f / sum;
-#pragma unroll
-            for (int b = 0; b < n; b++) M[a * n + b] *= inv;
-        }
-        if (trace_P) {
-#pragma unroll
-            for (int q = 0; q < nn; q++) trace_P[((size_t)(2 * it + 2) * nn + q) * stride] = M[q];
-#pragma unroll
-            for (int a = 0; a < n; a++) trace_s[((size_t)(2 * it + 1) * n + a) * stride] = s[a];
-        }
+        sinkhorn_half<N, 1, N>(M, 2 * it, trace_P, trace_s, stride);   // columns: entry (b, a) at b n + a
+        sinkhorn_half<N, N, 1>(M, 2 * it + 1, trace_P, trace_s, stride);   // rows: entry (a, b) at a n + b
     }
 #pragma unroll
     for (int q = 0; q < nn; q++) out[q] = M[q];
@@ -2311,11 +2299,7 @@ static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *H
 void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int T) {
     const GPTHCConfig *c = &model->config;
     int V = c->vocab_size, Vp = c->padded_vocab_size, C = c->channels, n = c->n, K = 2 * c->num_layers;
-    if (T > c->max_seq_len) die("sequence length %d exceeds the model's max_seq_len %d", T, c->max_seq_len);
-    for (int i = 0; i < B * T; i++) {
-        if (inputs[i] < 0 || inputs[i] >= V) die("input token id %d out of range [0, %d)", inputs[i], V);
-        if (targets != NULL && (targets[i] < 0 || targets[i] >= V)) die("target token id %d out of range [0, %d)", targets[i], V);
-    }
+    check_batch(c, inputs, targets, B, T);
     gpt_ensure_activations(model, B, T);
     model->last_B = B;
     model->last_T = T;

@@ -8,6 +8,17 @@ the forward/backward gains of the residual mappings (SPEC.md section 4).
 #include <math.h>
 #include "gpt_hc_formats.h"
 
+// a batch both trainers accept: T within the model's context, every token id in the vocabulary
+// (targets may be NULL)
+static void check_batch(const GPTHCConfig *c, const int *inputs, const int *targets, int B, int T) {
+    if (T > c->max_seq_len) die("sequence length %d exceeds the model's max_seq_len %d", T, c->max_seq_len);
+    for (int i = 0; i < B * T; i++) {
+        if (inputs[i] < 0 || inputs[i] >= c->vocab_size) die("input token id %d out of range [0, %d)", inputs[i], c->vocab_size);
+        if (targets != NULL && (targets[i] < 0 || targets[i] >= c->vocab_size))
+            die("target token id %d out of range [0, %d)", targets[i], c->vocab_size);
+    }
+}
+
 // linear warmup, then cosine decay to lr * final_frac (llm.c)
 static float lr_at(int step, int max_steps, float lr, int warmup, float final_frac) {
     if (step < warmup) return lr * (step + 1) / warmup;
