@@ -4,6 +4,7 @@
 #   make            build the CPU trainer and its test
 #   make cuda-build build the CUDA trainer (PRECISION=BF16 default, or FP32) and its tests
 #   make test-cuda  on a GPU machine: CUDA tests in FP32 and BF16, CPU vs CUDA, CLI tests
+#   make test-multigpu  on a machine with 2 GPUs: data-parallel runs against 1-GPU runs
 CC ?= gcc
 CFLAGS ?= -O3 -march=native -Wall -Wextra -Wno-unused-function -Wno-unused-parameter -Wno-format-truncation
 OMPFLAGS ?= -fopenmp -DOMP
@@ -11,7 +12,7 @@ LDLIBS = -lm
 PYTHON ?= python3
 SHELL := /bin/bash
 
-.PHONY: all train test test-data test-c test-asan cuda-build test-cuda bench-cuda data data-small data-large ref bench-cpu clean
+.PHONY: all train test test-data test-c test-asan cuda-build test-cuda test-multigpu bench-cuda data data-small data-large ref bench-cpu clean
 
 all: train_gpt_hc test_gpt_hc
 
@@ -25,7 +26,15 @@ test_gpt_hc: test_gpt_hc.c train_gpt_hc.c llmc/*.h
 NVCC ?= nvcc
 PRECISION ?= BF16
 NVCCFLAGS ?= -O3 -std=c++17 -gencode arch=compute_90,code=sm_90 -I/usr/include/x86_64-linux-gnu
-NVLIBS = -lcublas -lcublasLt
+NVLIBS = -lcublas -lcublasLt -lnccl
+# MPI is optional (only -pi mpi, i.e. mpirun without -pi, needs it): USE_MPI=1 builds the trainer
+# with it, or make train_gpt_hcu_mpi; both need mpicc (Open MPI)
+MPIFLAGS = -DUSE_MPI $(shell mpicc --showme:compile 2>/dev/null)
+MPILIBS = $(shell mpicc --showme:link 2>/dev/null || echo -lmpi)
+ifeq ($(USE_MPI),1)
+NVCCFLAGS += $(MPIFLAGS)
+NVLIBS += $(MPILIBS)
+endif
 ifeq ($(PRECISION),FP32)
 PRECFLAG = -DENABLE_FP32
 else ifeq ($(PRECISION),BF16)
@@ -36,6 +45,8 @@ endif
 
 train_gpt_hcu: train_gpt_hc.cu llmc/*.h
 	$(NVCC) $(NVCCFLAGS) $(PRECFLAG) $< $(NVLIBS) -o $@
+train_gpt_hcu_mpi: train_gpt_hc.cu llmc/*.h
+	$(NVCC) $(NVCCFLAGS) $(PRECFLAG) $(MPIFLAGS) $< $(NVLIBS) $(MPILIBS) -o $@
 train_gpt_hcu_fp32: train_gpt_hc.cu llmc/*.h
 	$(NVCC) $(NVCCFLAGS) -DENABLE_FP32 $< $(NVLIBS) -o $@
 test_gpt_hcu: test_gpt_hcu.cu train_gpt_hc.cu llmc/*.h
@@ -49,6 +60,11 @@ dev/cuda/bench_hc: dev/cuda/bench_hc.cu train_gpt_hc.cu llmc/*.h
 	$(NVCC) $(NVCCFLAGS) $< $(NVLIBS) -o $@
 
 cuda-build: train_gpt_hcu train_gpt_hcu_fp32 test_gpt_hcu test_gpt_hcu_fp32 dev/cuda/bench_attention dev/cuda/bench_hc
+
+# on a machine with 2 GPUs: 2-GPU runs equal 1-GPU runs (FP32 and BF16), checkpoints across GPU counts
+test-multigpu: train_gpt_hcu train_gpt_hcu_fp32 train_gpt_hc test_gpt_hc
+	GPT_HC_TRAINER=./train_gpt_hcu_fp32 ./test_gpt_hc --multi-gpu
+	GPT_HC_TRAINER=./train_gpt_hcu GPT_HC_MULTI_TOL=2e-2 ./test_gpt_hc --multi-gpu
 
 test-cuda: cuda-build train_gpt_hc test_gpt_hc
 	./test_gpt_hcu_fp32
@@ -92,4 +108,4 @@ ref:
 	$(PYTHON) scripts/reference.py
 
 clean:
-	rm -f train_gpt_hc test_gpt_hc train_gpt_hc_asan test_gpt_hc_asan train_gpt_hcu test_gpt_hcu train_gpt_hcu_fp32 test_gpt_hcu_fp32 dev/cuda/bench_attention dev/cuda/bench_hc *.o
+	rm -f train_gpt_hc test_gpt_hc train_gpt_hc_asan test_gpt_hc_asan train_gpt_hcu train_gpt_hcu_mpi test_gpt_hcu train_gpt_hcu_fp32 test_gpt_hcu_fp32 dev/cuda/bench_attention dev/cuda/bench_hc *.o

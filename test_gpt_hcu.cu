@@ -88,7 +88,7 @@ static void test_reference(const char *name) {
         free(pre); free(post); free(res);
     }
     gpt_zero_grad(&model);
-    gpt_backward(&model, 1.0f);
+    gpt_backward(&model, 1.0f, 1);
     float *g = to_host_f(model.grads_memory, model.num_parameters);
     size_t off = 0;
     for (int ti = 0; ti < NUM_PARAMETER_TENSORS; ti++) {
@@ -106,7 +106,7 @@ static void test_reference(const char *name) {
     for (int t = 1; t <= S; t++) {
         gpt_forward(&m2, inputs, targets, B, T);
         gpt_zero_grad(&m2);
-        gpt_backward(&m2, 1.0f);
+        gpt_backward(&m2, 1.0f, 1);
         float norm = gpt_grad_norm(&m2), clip = (float)hyper[5];
         gpt_update(&m2, (float)hyper[0], (float)hyper[1], (float)hyper[2], (float)hyper[3], (float)hyper[4], norm > clip ? clip / norm : 1.0f, t);
         worst = fmax(worst, fabs(m2.mean_loss - losses[t - 1]));

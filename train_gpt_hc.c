@@ -975,7 +975,8 @@ void gpt_zero_grad(GPTHC *model) {
 
 // accumulates the gradient of loss * loss_scale into the parameter grads (loss_scale 1 / the
 // number of micro-batches gives the mean over the whole batch)
-void gpt_backward(GPTHC *model, float loss_scale) {
+// last: the step's last micro-batch (the CUDA trainer starts summing over GPUs in it; one process here)
+void gpt_backward(GPTHC *model, float loss_scale, int last) {
     if (model->mean_loss == -1.0f) die("internal: backward without a forward with targets");
     const GPTHCConfig *c = &model->config;
     if (model->grads_memory == NULL) {
@@ -1132,6 +1133,17 @@ static void gpt_print_report(GPTHC *model, int steps, double total_ms) {
 }
 
 static void gpt_step_done(GPTHC *model, int timed) {}
+
+// the CPU trainer is one process: data parallel runs need the CUDA trainer (NCCL)
+static void gpt_multi_init(int *world, int *rank, int gpus_per_node, const char *rendezvous, int zero) {
+    if (*world > 1 || *rank > 0 || rendezvous != NULL)
+        die("-pn/-pr/-pi: training over several processes needs the CUDA trainer (./train_gpt_hcu)");
+    *world = 1;
+    *rank = 0;
+}
+static void gpt_multi_finish(void) {}
+static void gpt_sync_grads(GPTHC *model) {}   // one process: the gradients are complete
+static void multi_sum(double *x, int n) {}    // one process: its values are the sums
 
 static const char *gpt_device_description(void) {
     static char buf[64];

@@ -18,12 +18,22 @@ dev/cuda/bench_attention.cu, dev/cuda/bench_hc.cu; measurements and history: dev
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <nccl.h>
+#ifdef USE_MPI
+#include <mpi.h>
+#endif
 #include <float.h>
 #include <math.h>
+#include <netdb.h>
+#include <poll.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 #include <type_traits>
@@ -57,6 +67,11 @@ static void cuda_check(cudaError_t e, const char *file, int line) {
 #define cudaCheck(x) cuda_check((x), __FILE__, __LINE__)
 #define kernelCheck() cuda_check(cudaGetLastError(), __FILE__, __LINE__)
 
+static void nccl_check(ncclResult_t r, const char *file, int line) {
+    if (r != ncclSuccess) die("NCCL: %s [%s:%d]", ncclGetErrorString(r), file, line);
+}
+#define ncclCheck(x) nccl_check((x), __FILE__, __LINE__)
+
 static void cublas_check(cublasStatus_t s, const char *file, int line) {
     if (s != CUBLAS_STATUS_SUCCESS) die("cuBLAS error %d [%s:%d]", (int)s, file, line);
 }
@@ -66,7 +81,6 @@ static cublasHandle_t g_cublas;
 static cublasLtHandle_t g_cublaslt;
 static void *g_lt_workspace;
 #define LT_WORKSPACE (32 << 20)
-static int g_sms = 1;
 
 __device__ __forceinline__ float tof(floatX x) { return (float)x; }
 
@@ -131,6 +145,257 @@ __device__ float block_sum(float v) {
     return s;
 }
 
+
+// ----------------------------------------------------------------------------
+// several GPUs: data parallel over NCCL, one process per GPU (llm.c's multi-GPU design).
+// Processes find each other through an NCCL unique id that rank 0 makes and hands to the others:
+// by MPI_Bcast (-pi mpi, a build with USE_MPI), a file in a shared directory (-pi fs:DIR), a TCP
+// connection to rank 0 (-pi tcp:HOST:PORT), or pipes when this program starts all ranks itself
+// (-pn N without -pr). Each step's gradients are summed over the ranks (every rank's micro-batches
+// are scaled so the sum is the mean); with ZeRO-1 (-pz 1) each rank receives the sum for its shard
+// of the parameters only (reductions to the owner: a reduce-scatter in pieces), runs AdamW on that
+// shard (AdamW moments exist for the shard alone), and an all-gather hands out the updated floatX
+// weights. The sums overlap the last micro-batch's backward: each layer's gradients go to NCCL,
+// on a stream of its own, as soon as the backward is past that layer, when the ranks span several
+// machines (on one machine's NVLink it measured no faster: dev/NOTES.md; GPT_HC_OVERLAP=0/1
+// overrides).
+
+typedef struct {
+    int rank, world, local_rank, zero;
+    ncclComm_t comm;
+    int mpi;               // MPI_Init was called
+    double *dsum;          // device scratch for multi_sum
+    cudaStream_t stream;   // NCCL's gradient reductions (non-blocking: they overlap the backward)
+    cudaEvent_t ev;
+    int overlap;           // sum each layer's gradients during the backward (see gpt_multi_init)
+    int overlapped;        // the running backward has handed its layers to NCCL
+} MultiGPU;
+static MultiGPU g_multi = {0, 1, 0, 0, NULL, 0, NULL, NULL, NULL, 0, 0};
+#define RENDEZVOUS_TIMEOUT_S 300
+
+// the first of the variables that launchers (mpirun, srun) set, or -1
+static int env_int(const char *a, const char *b, const char *c) {
+    const char *names[3] = {a, b, c};
+    for (int i = 0; i < 3; i++) {
+        const char *v = names[i] ? getenv(names[i]) : NULL;
+        if (v && *v) return atoi(v);
+    }
+    return -1;
+}
+
+// rank 0 writes the id to DIR/gpt_hc_nccl_id (temp file, then rename); the others wait for a
+// file written after they started (an older one is a crashed run's)
+static void rendezvous_fs(const char *dir, ncclUniqueId *id, int rank) {
+    char path[4096], tmp[4200];
+    snprintf(path, sizeof path, "%s/gpt_hc_nccl_id", dir);
+    if (rank == 0) {
+        snprintf(tmp, sizeof tmp, "%s.tmp%d", path, (int)getpid());
+        FILE *fp = fopenCheck(tmp, "wb");
+        fwriteCheck(id, sizeof(*id), 1, fp, tmp);
+        fcloseCheck(fp, tmp);
+        rename_check(tmp, path);
+        return;
+    }
+    time_t start = time(NULL);
+    for (;;) {
+        struct stat st;
+        if (stat(path, &st) == 0 && st.st_mtime >= start - 60 && st.st_size == (off_t)sizeof(*id)) {
+            FILE *fp = fopenCheck(path, "rb");
+            freadCheck(id, sizeof(*id), 1, fp, path);
+            fclose(fp);
+            return;
+        }
+        if (time(NULL) - start > RENDEZVOUS_TIMEOUT_S) die("-pi fs: no id from rank 0 in %s after %d s", path, RENDEZVOUS_TIMEOUT_S);
+        usleep(100000);
+    }
+}
+
+// rank 0 listens on PORT and sends the id to each of the world-1 others, who connect to HOST:PORT
+static void rendezvous_tcp(const char *spec, ncclUniqueId *id, int rank, int world) {
+    char host[256];
+    const char *colon = strrchr(spec, ':');
+    if (colon == NULL || colon == spec || (size_t)(colon - spec) >= sizeof host || atoi(colon + 1) <= 0 || atoi(colon + 1) > 65535)
+        die("-pi tcp:%s: expected tcp:HOST:PORT (HOST: rank 0's address)", spec);
+    memcpy(host, spec, colon - spec);
+    host[colon - spec] = '\0';
+    const char *port = colon + 1;
+    if (rank == 0) {
+        int fd = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+        struct sockaddr_in a;
+        memset(&a, 0, sizeof a);
+        a.sin_family = AF_INET;
+        a.sin_addr.s_addr = htonl(INADDR_ANY);
+        a.sin_port = htons((uint16_t)atoi(port));
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) != 0 || listen(fd, world) != 0)
+            die("-pi tcp: rank 0 cannot listen on port %s (%s)", port, strerror(errno));
+        for (int r = 1; r < world; r++) {
+            struct pollfd pf = {fd, POLLIN, 0};
+            if (poll(&pf, 1, RENDEZVOUS_TIMEOUT_S * 1000) <= 0) die("-pi tcp: %d of %d ranks connected to port %s in %d s", r - 1, world - 1, port, RENDEZVOUS_TIMEOUT_S);
+            int c = accept(fd, NULL, NULL);
+            if (c < 0 || send(c, id, sizeof(*id), 0) != (ssize_t)sizeof(*id)) die("-pi tcp: sending the id failed (%s)", strerror(errno));
+            close(c);
+        }
+        close(fd);
+        return;
+    }
+    struct addrinfo hints, *res = NULL;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_INET;
+    hints.ai_socktype = SOCK_STREAM;
+    if (getaddrinfo(host, port, &hints, &res) != 0 || res == NULL) die("-pi tcp: cannot resolve host '%s'", host);
+    time_t start = time(NULL);
+    for (;;) {   // rank 0 may not be listening yet
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (fd >= 0 && connect(fd, res->ai_addr, res->ai_addrlen) == 0) {
+            size_t got = 0;
+            while (got < sizeof(*id)) {
+                ssize_t r = recv(fd, (char *)id + got, sizeof(*id) - got, 0);
+                if (r <= 0) die("-pi tcp: connection to %s closed before the id arrived", spec);
+                got += (size_t)r;
+            }
+            close(fd);
+            break;
+        }
+        if (fd >= 0) close(fd);
+        if (time(NULL) - start > RENDEZVOUS_TIMEOUT_S) die("-pi tcp: rank 0 at %s did not answer in %d s", spec, RENDEZVOUS_TIMEOUT_S);
+        usleep(200000);
+    }
+    freeaddrinfo(res);
+}
+
+// -pn N without -pr: fork N ranks on this machine, rank 0 passes the id down pipes; this process
+// only waits, and when a rank fails it stops the others (they would wait in NCCL forever) and
+// exits with that rank's status. Returns (in each child) its rank.
+static int launch_local(int world, ncclUniqueId *id) {
+    int (*fds)[2] = (int (*)[2])mallocCheck(world * sizeof(*fds));
+    pid_t *pids = (pid_t *)mallocCheck(world * sizeof(pid_t));
+    for (int r = 1; r < world; r++) if (pipe(fds[r]) != 0) die("pipe failed (%s)", strerror(errno));
+    fflush(stdout);
+    fflush(stderr);
+    for (int r = 0; r < world; r++) {
+        pids[r] = fork();
+        if (pids[r] < 0) die("fork failed (%s)", strerror(errno));
+        if (pids[r] == 0) {
+            prctl(PR_SET_PDEATHSIG, SIGTERM);   // if the launcher is killed, so are the ranks
+            g_die_rank = r;
+            for (int q = 1; q < world; q++) {
+                if (r != 0) close(fds[q][1]);
+                if (q != r) close(fds[q][0]);
+            }
+            if (r == 0) {
+                ncclCheck(ncclGetUniqueId(id));
+                for (int q = 1; q < world; q++) {
+                    if (write(fds[q][1], id, sizeof(*id)) != (ssize_t)sizeof(*id)) die("passing the NCCL id failed");
+                    close(fds[q][1]);
+                }
+            } else {
+                size_t got = 0;
+                while (got < sizeof(*id)) {
+                    ssize_t n = read(fds[r][0], (char *)id + got, sizeof(*id) - got);
+                    if (n <= 0) exit(1);   // rank 0 failed before handing out the id; it says why
+                    got += (size_t)n;
+                }
+                close(fds[r][0]);
+            }
+            free(fds);
+            free(pids);
+            return r;
+        }
+    }
+    for (int q = 1; q < world; q++) { close(fds[q][0]); close(fds[q][1]); }
+    int rc = 0, alive = world;
+    while (alive > 0) {
+        int st;
+        pid_t p = wait(&st);
+        if (p < 0) break;
+        alive--;
+        int code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        if (code != 0 && rc == 0) {
+            rc = code;
+            for (int r = 0; r < world; r++) if (pids[r] != p) kill(pids[r], SIGTERM);
+        }
+    }
+    exit(rc);
+}
+
+// sets *world and *rank (from the flags, or from mpirun/srun's variables), picks this rank's GPU
+// and joins the NCCL communicator; a single process (world 1) only picks GPU 0
+static void gpt_multi_init(int *world, int *rank, int gpus_per_node, const char *rendezvous, int zero) {
+    int env_world = env_int("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS");
+    int env_rank = env_int("OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID");
+    int env_local = env_int("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID");
+    int use_mpi = rendezvous != NULL && strcmp(rendezvous, "mpi") == 0;
+    if (rendezvous == NULL && env_world > 1 && *rank < 0) {   // started by mpirun or srun
+#ifdef USE_MPI
+        use_mpi = 1;
+#else
+        die("started by a launcher with %d processes, but this build has no MPI (make USE_MPI=1): give -pi fs:DIR or tcp:HOST:PORT", env_world);
+#endif
+    }
+    ncclUniqueId id;
+    memset(&id, 0, sizeof id);
+    if (use_mpi) {
+#ifdef USE_MPI
+        int w, r;
+        if (MPI_Init(NULL, NULL) != MPI_SUCCESS) die("MPI_Init failed");
+        g_multi.mpi = 1;
+        MPI_Comm_size(MPI_COMM_WORLD, &w);
+        MPI_Comm_rank(MPI_COMM_WORLD, &r);
+        if (*world > 0 && *world != w) die("-pn %d but MPI started %d processes", *world, w);
+        if (*rank >= 0 && *rank != r) die("-pr %d but MPI says this is rank %d", *rank, r);
+        *world = w;
+        *rank = r;
+        g_die_rank = w > 1 ? r : -1;
+        if (r == 0) ncclCheck(ncclGetUniqueId(&id));
+        if (MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD) != MPI_SUCCESS) die("MPI_Bcast of the NCCL id failed");
+#else
+        die("-pi mpi: this build has no MPI (make USE_MPI=1 where MPI is installed); use fs:DIR or tcp:HOST:PORT");
+#endif
+    } else {
+        if (*world == 0) *world = env_world > 0 ? env_world : 1;
+        if (*rank < 0 && env_rank >= 0 && rendezvous != NULL) *rank = env_rank;
+        if (*rank >= *world) die("-pr %d out of range for -pn %d", *rank, *world);
+        if (rendezvous != NULL && strncmp(rendezvous, "fs:", 3) != 0 && strncmp(rendezvous, "tcp:", 4) != 0)
+            die("-pi %s: expected mpi, fs:DIR or tcp:HOST:PORT", rendezvous);
+        if (*world > 1 && *rank < 0) {
+            if (rendezvous != NULL) die("-pi %s needs -pr (this process's rank); without -pr and -pi, -pn %d starts every rank here", rendezvous, *world);
+            *rank = launch_local(*world, &id);
+            env_local = *rank;
+        } else if (*world > 1) {
+            if (rendezvous == NULL) die("-pn %d -pr %d: give -pi fs:DIR or tcp:HOST:PORT so the processes can meet", *world, *rank);
+            g_die_rank = *rank;
+            if (*rank == 0) ncclCheck(ncclGetUniqueId(&id));
+            if (strncmp(rendezvous, "fs:", 3) == 0) rendezvous_fs(rendezvous + 3, &id, *rank);
+            else rendezvous_tcp(rendezvous + 4, &id, *rank, *world);
+        }
+        if (*rank < 0) *rank = 0;
+    }
+    int count = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess || count == 0) die("no CUDA device found (%s); use ./train_gpt_hc on the CPU", cudaGetErrorString(e));
+    int local = gpus_per_node > 0 ? *rank % gpus_per_node : (env_local >= 0 ? env_local : *rank % count);
+    if (local >= count) die("rank %d wants GPU %d but this machine has %d GPUs (-pg)", *rank, local, count);
+    cudaCheck(cudaSetDevice(local));
+    g_multi.rank = *rank;
+    g_multi.world = *world;
+    g_multi.local_rank = local;
+    g_multi.zero = *world > 1 ? zero : 0;
+    const char *ov = getenv("GPT_HC_OVERLAP");
+    g_multi.overlap = ov && *ov ? atoi(ov) != 0 : *world > (gpus_per_node > 0 ? gpus_per_node : count);
+    if (*world > 1) {
+        ncclCheck(ncclCommInitRank(&g_multi.comm, *world, id, *rank));
+        cudaCheck(cudaMalloc(&g_multi.dsum, 64 * sizeof(double)));
+        cudaCheck(cudaStreamCreateWithFlags(&g_multi.stream, cudaStreamNonBlocking));
+        cudaCheck(cudaEventCreateWithFlags(&g_multi.ev, cudaEventDisableTiming));
+        // every rank is in: the id file is no longer needed
+        if (*rank == 0 && rendezvous != NULL && strncmp(rendezvous, "fs:", 3) == 0) {
+            char path[4096];
+            snprintf(path, sizeof path, "%s/gpt_hc_nccl_id", rendezvous + 3);
+            unlink(path);   // ncclCommInitRank returned: every rank has read it
+        }
+    }
+}
 
 // ----------------------------------------------------------------------------
 // scratch device memory (grown on demand)
@@ -738,13 +1003,14 @@ static void matmul_forward(floatX *out, const floatX *inp, const floatX *w, cons
 
 // dinp = dout @ W (overwritten; with pre_gelu, times GELU'(pre_gelu): the GELU backward fused);
 // dW += dout^T @ inp (fp32); dbias += column sums of dout
+// dw += inp^T dout (dw_beta 1), or dw = inp^T dout (dw_beta 0)
 static void matmul_backward(floatX *dinp, float *dw, float *dbias, const floatX *dout, const floatX *inp, const floatX *w,
-                            int BT, int C, int OC, floatX *pre_gelu = NULL) {
+                            int BT, int C, int OC, floatX *pre_gelu = NULL, float dw_beta = 1.0f) {
     ProfScope prof(PROF_MATMUL);
     const float one = 1.0f;
     matmul_lt(dinp, w, dout, NULL, pre_gelu, C, BT, OC, false, false, pre_gelu ? CUBLASLT_EPILOGUE_DGELU : CUBLASLT_EPILOGUE_DEFAULT);
     cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, BT, &one, inp, CUBLAS_X, C, dout, CUBLAS_X, OC,
-                             &one, dw, CUDA_R_32F, C, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                             &dw_beta, dw, CUDA_R_32F, C, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     if (dbias != NULL) colsum(dbias, dout, BT, OC);
 }
 
@@ -1958,15 +2224,23 @@ __global__ void adamw_kernel(float *p, floatX *px, const float *g, float *m, flo
     if (px != (floatX *)p) px[i] = tox(pi);
 }
 
+__global__ void accumulate_kernel(float *acc, const float *x, size_t N) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < N) acc[i] += x[i];
+}
+
 __global__ void to_floatx_kernel(floatX *out, const float *in, size_t N) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < N) out[i] = tox(in[i]);
 }
 
-__global__ void sumsq_partial_kernel(double *partial, const float *g, size_t N) {
-    size_t chunk = (N + gridDim.x - 1) / gridDim.x, b0 = blockIdx.x * chunk, b1 = min(N, b0 + chunk);
+// sum of squares of each NORM_CHUNK-float chunk, one block per chunk: the chunks are fixed
+// pieces of the parameter vector, so a rank with a shard of it computes the same partials
+#define NORM_CHUNK (1 << 16)
+__global__ void sumsq_partial_kernel(double *partial, const float *g) {
+    size_t b0 = (size_t)blockIdx.x * NORM_CHUNK;
     double s = 0.0;
-    for (size_t i = b0 + threadIdx.x; i < b1; i += blockDim.x) s += (double)g[i] * g[i];
+    for (size_t i = b0 + threadIdx.x; i < b0 + NORM_CHUNK; i += blockDim.x) s += (double)g[i] * g[i];
     __shared__ double sh[1024];
     sh[threadIdx.x] = s;
     __syncthreads();
@@ -2018,6 +2292,10 @@ typedef struct {
     ParameterTensors params, grads;   // fp32 on the device: master weights and gradients
     float *params_memory, *grads_memory, *m_memory, *v_memory;
     floatX *paramsx_memory;           // the floatX copy matmuls read (== params in FP32 builds)
+    size_t padded_params;             // params, grads: num_parameters rounded up to world * NORM_CHUNK
+    size_t shard_lo, shard_n;         // this rank's AdamW range (ZeRO-1), else [0, padded_params)
+    int grads_fresh;                  // no micro-batch accumulated since gpt_zero_grad
+    float *wte_acc;                   // one micro-batch's wte gradient (accumulation after the first)
     float *host_params, *host_m, *host_v;
     int moments_ready;
     ActivationTensors acts, grads_acts;
@@ -2047,9 +2325,6 @@ static void gpt_init_device(void) {
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess || count == 0) die("no CUDA device found (%s); use ./train_gpt_hc on the CPU", cudaGetErrorString(e));
-    cudaDeviceProp prop;
-    cudaCheck(cudaGetDeviceProperties(&prop, 0));
-    g_sms = prop.multiProcessorCount;
     cublasCheck(cublasCreate(&g_cublas));
     cublasCheck(cublasLtCreate(&g_cublaslt));
     cudaCheck(cudaMalloc(&g_lt_workspace, LT_WORKSPACE));
@@ -2076,12 +2351,18 @@ static void gpt_allocate(GPTHC *model) {
         die("the CUDA trainer needs channels to be a multiple of 8 (model has C = %d); use ./train_gpt_hc", model->config.channels);
     fill_param_sizes(model->param_sizes, &model->config);
     model->num_parameters = count_params(&model->config);
-    size_t P = model->num_parameters;
-    cudaCheck(cudaMalloc(&model->params_memory, P * sizeof(float)));
+    size_t P = model->num_parameters, unit = (size_t)g_multi.world * NORM_CHUNK;
+    model->padded_params = (P + unit - 1) / unit * unit;   // zeros past P: equal shards, whole chunks
+    size_t Pp = model->padded_params;
+    model->shard_lo = g_multi.zero ? g_multi.rank * (Pp / g_multi.world) : 0;
+    model->shard_n = g_multi.zero ? Pp / g_multi.world : Pp;
+    cudaCheck(cudaMalloc(&model->params_memory, Pp * sizeof(float)));
+    cudaCheck(cudaMemset(model->params_memory, 0, Pp * sizeof(float)));
 #if defined(ENABLE_FP32)
     model->paramsx_memory = model->params_memory;
 #else
-    cudaCheck(cudaMalloc(&model->paramsx_memory, P * sizeof(floatX)));
+    cudaCheck(cudaMalloc(&model->paramsx_memory, Pp * sizeof(floatX)));
+    cudaCheck(cudaMemset(model->paramsx_memory, 0, Pp * sizeof(floatX)));
 #endif
     point_parameters(&model->params, model->params_memory, model->param_sizes);
     model->host_params = (float *)callocCheck(P, sizeof(float));
@@ -2353,16 +2634,23 @@ void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int
 }
 
 void gpt_zero_grad(GPTHC *model) {
-    if (model->grads_memory != NULL) cudaCheck(cudaMemset(model->grads_memory, 0, model->num_parameters * sizeof(float)));
+    if (model->grads_memory != NULL) cudaCheck(cudaMemset(model->grads_memory, 0, model->padded_params * sizeof(float)));
+    model->grads_fresh = 1;
 }
 
-void gpt_backward(GPTHC *model, float loss_scale) {
+static void reduce_layer_grads(GPTHC *model, int l);
+static int overlap_on(void);
+
+// last: the last micro-batch of the step; in a run of several GPUs its gradients are summed over
+// the ranks while it runs (layer by layer; gpt_sync_grads adds the rest and waits)
+void gpt_backward(GPTHC *model, float loss_scale, int last) {
     if (model->mean_loss == -1.0f) die("internal: backward without a forward with targets");
     const GPTHCConfig *c = &model->config;
     if (model->grads_memory == NULL) {
-        cudaCheck(cudaMalloc(&model->grads_memory, model->num_parameters * sizeof(float)));
-        cudaCheck(cudaMemset(model->grads_memory, 0, model->num_parameters * sizeof(float)));
+        cudaCheck(cudaMalloc(&model->grads_memory, model->padded_params * sizeof(float)));
+        cudaCheck(cudaMemset(model->grads_memory, 0, model->padded_params * sizeof(float)));
         point_parameters(&model->grads, model->grads_memory, model->param_sizes);
+        model->grads_fresh = 1;
     }
     if (model->gactsx_memory == NULL) {
         cudaCheck(cudaMalloc(&model->gactsx_memory, model->num_actx * sizeof(floatX)));
@@ -2381,7 +2669,15 @@ void gpt_backward(GPTHC *model, float loss_scale) {
         classifier_backward_kernel<<<BT, 256>>>(ga->logits, a->logits, a->lse, model->targets, loss_scale / (float)BT, V, Vp);
         kernelCheck();
     }
-    matmul_backward(ga->lnf, g->wte, NULL, ga->logits, a->lnf, px(model, P_WTE), BT, C, Vp);
+    // wte gets two terms per micro-batch (classifier, embedding); they are summed before they
+    // meet the accumulated gradient, so accumulating micro-batches on one GPU adds the same
+    // per-batch values as summing them over GPUs: the result does not depend on the GPU count
+    float *dwte = g->wte;
+    if (!model->grads_fresh) {
+        if (model->wte_acc == NULL) cudaCheck(cudaMalloc(&model->wte_acc, (size_t)Vp * C * sizeof(float)));
+        dwte = model->wte_acc;
+    }
+    matmul_backward(ga->lnf, dwte, NULL, ga->logits, a->lnf, px(model, P_WTE), BT, C, Vp, NULL, 0.0f);
     cudaCheck(cudaMemset(ga->hsum, 0, BT * C * sizeof(floatX)));
     layernorm_backward(ga->hsum, g->lnfw, g->lnfb, ga->lnf, a->hsum, px(model, P_LNFW), a->lnf_mean, a->lnf_rstd, BT, C);
     stream_sum_backward_kernel<<<dim3(BT, ceil_div(C, 256)), 256>>>(ga->H + K * S, ga->hsum, BT, n, C);
@@ -2409,6 +2705,7 @@ void gpt_backward(GPTHC *model, float loss_scale) {
             }
             hc_coeffs_backward(model, k, dHk, Hk, du, BT);
         }
+        if (last && g_multi.world > 1 && k % 2 == 0 && overlap_on()) reduce_layer_grads(model, k / 2);   // layer k/2 is done
     }
     // bucket the positions by token id (counting sort, stable; distinct tokens in order of first
     // appearance), then cut the buckets into chunks of at most WTE_CHUNK positions
@@ -2439,47 +2736,153 @@ void gpt_backward(GPTHC *model, float loss_scale) {
     }
     cudaCheck(cudaMemcpy(model->buckets, hb, WTE_BUCKET_INTS(BT) * sizeof(int), cudaMemcpyHostToDevice));
     float *partial = (float *)dscratch(0, ((size_t)nslots + 1) * C * sizeof(float));
-    wte_backward_kernel<<<dim3(nchunks, ceil_div(C, 128)), 128>>>(g->wte, partial, ga->H, model->buckets + BT, model->buckets, n, C);
+    wte_backward_kernel<<<dim3(nchunks, ceil_div(C, 128)), 128>>>(dwte, partial, ga->H, model->buckets + BT, model->buckets, n, C);
     if (nmulti > 0)
-        wte_backward_finish_kernel<<<dim3(nmulti, ceil_div(C, 128)), 128>>>(g->wte, partial, model->buckets + 5 * BT, C);
+        wte_backward_finish_kernel<<<dim3(nmulti, ceil_div(C, 128)), 128>>>(dwte, partial, model->buckets + 5 * BT, C);
+    if (dwte != g->wte) {
+        accumulate_kernel<<<ceil_div((size_t)Vp * C, 256), 256>>>(g->wte, dwte, (size_t)Vp * C);
+        kernelCheck();
+    }
+    model->grads_fresh = 0;
     wpe_backward_kernel<<<dim3(T, ceil_div(C, 128)), 128>>>(g->wpe, ga->H, B, T, n, C);
     kernelCheck();
 }
 
+// enqueue on NCCL's stream the sum over the ranks of grads[a, b): all-reduced, or with ZeRO-1
+// reduced to the rank whose shard holds each part
+static void reduce_grad_range(GPTHC *model, size_t a, size_t b) {
+    float *g = model->grads_memory;
+    if (!g_multi.zero) {
+        if (a < b) ncclCheck(ncclAllReduce(g + a, g + a, b - a, ncclFloat, ncclSum, g_multi.comm, g_multi.stream));
+        return;
+    }
+    size_t sn = model->shard_n;
+    for (int r = 0; r < g_multi.world; r++) {
+        size_t x = a > r * sn ? a : r * sn, y = b < (r + 1) * sn ? b : (r + 1) * sn;
+        if (x < y) ncclCheck(ncclReduce(g + x, g + x, y - x, ncclFloat, ncclSum, r, g_multi.comm, g_multi.stream));
+    }
+}
+
+static int overlap_on(void) { return g_multi.overlap; }
+
+static int per_layer_tensor(int t) { return (t >= P_LN1W && t <= P_FCPROJB) || t >= P_HC_A; }
+
+// layer l's slices of the per-layer tensors (blocks: one slice per layer; HC/mHC: one per
+// sublayer, and layer l's two are adjacent), once the backward has finished them
+static void reduce_layer_grads(GPTHC *model, int l) {
+    int L = model->config.num_layers;
+    cudaCheck(cudaEventRecord(g_multi.ev, 0));
+    cudaCheck(cudaStreamWaitEvent(g_multi.stream, g_multi.ev, 0));
+    ncclCheck(ncclGroupStart());
+    size_t off = 0;
+    for (int t = 0; t < NUM_PARAMETER_TENSORS; t++) {
+        size_t sz = model->param_sizes[t], slice = sz / L;
+        if (sz > 0 && per_layer_tensor(t)) reduce_grad_range(model, off + l * slice, off + (l + 1) * slice);
+        off += sz;
+    }
+    ncclCheck(ncclGroupEnd());
+    g_multi.overlapped = 1;
+}
+
+// sum the gradients over the ranks: what the backward has not handed to NCCL yet (everything,
+// or the tensors outside the layers), then the main stream waits for NCCL. With ZeRO-1 only this
+// rank's shard ends up summed (the rest of grads is stale).
+static void gpt_sync_grads(GPTHC *model) {
+    if (g_multi.world == 1) return;
+    ProfScope prof(PROF_OPTIMIZER);
+    cudaCheck(cudaEventRecord(g_multi.ev, 0));
+    cudaCheck(cudaStreamWaitEvent(g_multi.stream, g_multi.ev, 0));
+    ncclCheck(ncclGroupStart());
+    size_t off = 0;
+    for (int t = 0; t < NUM_PARAMETER_TENSORS; t++) {
+        if (!g_multi.overlapped || !per_layer_tensor(t)) reduce_grad_range(model, off, off + model->param_sizes[t]);
+        off += model->param_sizes[t];
+    }
+    ncclCheck(ncclGroupEnd());
+    cudaCheck(cudaEventRecord(g_multi.ev, g_multi.stream));
+    cudaCheck(cudaStreamWaitEvent(0, g_multi.ev, 0));
+    g_multi.overlapped = 0;
+}
+
+// add n host values over the ranks, in place
+static void multi_sum(double *x, int n) {
+    if (g_multi.world == 1) return;
+    if (n > 64) die("internal: multi_sum of %d values", n);
+    cudaCheck(cudaMemcpy(g_multi.dsum, x, n * sizeof(double), cudaMemcpyHostToDevice));
+    ncclCheck(ncclAllReduce(g_multi.dsum, g_multi.dsum, n, ncclDouble, ncclSum, g_multi.comm, 0));
+    cudaCheck(cudaMemcpy(x, g_multi.dsum, n * sizeof(double), cudaMemcpyDeviceToHost));
+}
+
+static void gpt_multi_finish(void) {
+    if (g_multi.world > 1) {
+        cudaCheck(cudaDeviceSynchronize());
+        ncclCheck(ncclCommDestroy(g_multi.comm));
+        cudaFree(g_multi.dsum);
+        cudaStreamDestroy(g_multi.stream);
+        cudaEventDestroy(g_multi.ev);
+    }
+#ifdef USE_MPI
+    if (g_multi.mpi) MPI_Finalize();
+#endif
+}
+
+// global L2 norm of the (summed) gradient: fixed chunks, each rank the chunks of its shard, the
+// partials gathered and added on the host in chunk order, so it is the same for any rank count
 float gpt_grad_norm(GPTHC *model) {
     ProfScope prof(PROF_OPTIMIZER);
-    int blocks = 2 * g_sms;
-    double *partial = (double *)dscratch(3, blocks * sizeof(double));
-    sumsq_partial_kernel<<<blocks, 1024>>>(partial, model->grads_memory, model->num_parameters);
+    size_t nchunks = model->padded_params / NORM_CHUNK, c0 = model->shard_lo / NORM_CHUNK, cn = model->shard_n / NORM_CHUNK;
+    double *partial = (double *)dscratch(3, nchunks * sizeof(double));
+    sumsq_partial_kernel<<<cn, 1024>>>(partial + c0, model->grads_memory + model->shard_lo);
     kernelCheck();
-    double *h = (double *)mallocCheck(blocks * sizeof(double)), s = 0.0;
-    cudaCheck(cudaMemcpy(h, partial, blocks * sizeof(double), cudaMemcpyDeviceToHost));
-    for (int i = 0; i < blocks; i++) s += h[i];
+    if (g_multi.zero) ncclCheck(ncclAllGather(partial + c0, partial, cn, ncclDouble, g_multi.comm, 0));
+    double *h = (double *)mallocCheck(nchunks * sizeof(double)), s = 0.0;
+    cudaCheck(cudaMemcpy(h, partial, nchunks * sizeof(double), cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < nchunks; i++) s += h[i];
     free(h);
     return (float)sqrt(s);
 }
 
+// AdamW on this rank's range [shard_lo, shard_lo + shard_n) of every tensor; with ZeRO-1 the
+// moments hold that range only, and the updated floatX weights are all-gathered
 void gpt_update(GPTHC *model, float lr, float beta1, float beta2, float eps, float weight_decay, float grad_scale, int t) {
+    size_t lo = model->shard_lo, hi = lo + model->shard_n;
     if (model->m_memory == NULL) {
-        cudaCheck(cudaMalloc(&model->m_memory, model->num_parameters * sizeof(float)));
-        cudaCheck(cudaMalloc(&model->v_memory, model->num_parameters * sizeof(float)));
-        cudaCheck(cudaMemset(model->m_memory, 0, model->num_parameters * sizeof(float)));
-        cudaCheck(cudaMemset(model->v_memory, 0, model->num_parameters * sizeof(float)));
+        cudaCheck(cudaMalloc(&model->m_memory, model->shard_n * sizeof(float)));
+        cudaCheck(cudaMalloc(&model->v_memory, model->shard_n * sizeof(float)));
+        cudaCheck(cudaMemset(model->m_memory, 0, model->shard_n * sizeof(float)));
+        cudaCheck(cudaMemset(model->v_memory, 0, model->shard_n * sizeof(float)));
     }
     ProfScope prof(PROF_OPTIMIZER);
     model->moments_ready = 1;
     float bc1 = 1.0f - powf(beta1, (float)t), bc2 = 1.0f - powf(beta2, (float)t);
     size_t off = 0;
     for (int ti = 0; ti < NUM_PARAMETER_TENSORS; ti++) {
-        size_t sz = model->param_sizes[ti];
-        if (sz > 0) {
+        size_t a = off > lo ? off : lo, b = off + model->param_sizes[ti] < hi ? off + model->param_sizes[ti] : hi;
+        if (a < b) {
             float wd = param_decays(ti) ? weight_decay : 0.0f;
-            adamw_kernel<<<ceil_div(sz, 256), 256>>>(model->params_memory + off, model->paramsx_memory + off, model->grads_memory + off,
-                                                     model->m_memory + off, model->v_memory + off, sz, lr, beta1, beta2, bc1, bc2,
-                                                     eps, wd, grad_scale);
+            adamw_kernel<<<ceil_div(b - a, 256), 256>>>(model->params_memory + a, model->paramsx_memory + a, model->grads_memory + a,
+                                                        model->m_memory + (a - lo), model->v_memory + (a - lo), b - a, lr, beta1, beta2,
+                                                        bc1, bc2, eps, wd, grad_scale);
             kernelCheck();
         }
-        off += sz;
+        off += model->param_sizes[ti];
+    }
+    if (g_multi.zero) {   // FP32 builds gather the master weights themselves (paramsx == params)
+        floatX *x = model->paramsx_memory;
+        ncclCheck(ncclAllGather(x + lo, x, model->shard_n * sizeof(floatX), ncclUint8, g_multi.comm, 0));
+        if ((void *)x != (void *)model->params_memory) {
+            // the HC/mHC coefficient kernels read their tensors' fp32 master weights (the last
+            // tensors, from P_HC_A on): each owner broadcasts its part of that range
+            float *pm = model->params_memory;
+            size_t h0 = 0, h1 = model->num_parameters, sn = model->shard_n;
+            for (int i = 0; i < P_HC_A; i++) h0 += model->param_sizes[i];
+            ncclCheck(ncclGroupStart());
+            for (int r = 0; r < g_multi.world; r++) {
+                size_t a = h0 > r * sn ? h0 : r * sn, b = h1 < (r + 1) * sn ? h1 : (r + 1) * sn;
+                if (a < b) ncclCheck(ncclBroadcast(pm + a, pm + a, b - a, ncclFloat, r, g_multi.comm, 0));
+            }
+            ncclCheck(ncclGroupEnd());
+        }
     }
     cudaCheck(cudaDeviceSynchronize());   // so the host's step timer covers the whole step
 }
@@ -2529,28 +2932,47 @@ void gpt_sample(GPTHC *model, const Tokenizer *tok, uint64_t *rng, int gen_token
     free(toks);
 }
 
+// collective under ZeRO-1: the fp32 master weights and moments are gathered from the shards
+// (the gradient buffer, spent after the update, holds the gathered moments on the way)
 void gpt_host_state(GPTHC *model, const float **params, const float **m, const float **v) {
-    size_t P = model->num_parameters;
-    cudaCheck(cudaMemcpy(model->host_params, model->params_memory, P * sizeof(float), cudaMemcpyDeviceToHost));
+    size_t P = model->num_parameters, lo = model->shard_lo, sn = model->shard_n;
+    float *pm = model->params_memory;
+    if (g_multi.zero && (void *)model->paramsx_memory != (void *)pm)
+        ncclCheck(ncclAllGather(pm + lo, pm, sn, ncclFloat, g_multi.comm, 0));
+    cudaCheck(cudaMemcpy(model->host_params, pm, P * sizeof(float), cudaMemcpyDeviceToHost));
     *params = model->host_params;
     *m = *v = NULL;
     if (model->moments_ready) {
         if (!model->host_m) { model->host_m = (float *)mallocCheck(P * sizeof(float)); model->host_v = (float *)mallocCheck(P * sizeof(float)); }
-        cudaCheck(cudaMemcpy(model->host_m, model->m_memory, P * sizeof(float), cudaMemcpyDeviceToHost));
-        cudaCheck(cudaMemcpy(model->host_v, model->v_memory, P * sizeof(float), cudaMemcpyDeviceToHost));
+        float *src[2] = {model->m_memory, model->v_memory}, *dst[2] = {model->host_m, model->host_v};
+        for (int i = 0; i < 2; i++) {
+            if (g_multi.zero) {
+                if (model->grads_memory == NULL) die("internal: gathering moments without a gradient buffer");
+                ncclCheck(ncclAllGather(src[i], model->grads_memory, sn, ncclFloat, g_multi.comm, 0));
+                cudaCheck(cudaMemcpy(dst[i], model->grads_memory, P * sizeof(float), cudaMemcpyDeviceToHost));
+            } else {
+                cudaCheck(cudaMemcpy(dst[i], src[i], P * sizeof(float), cudaMemcpyDeviceToHost));
+            }
+        }
         *m = model->host_m;
         *v = model->host_v;
     }
 }
 
+// full-length host moments (a checkpoint's); each rank keeps its range
 void gpt_set_moments(GPTHC *model, const float *m, const float *v) {
-    size_t P = model->num_parameters;
+    size_t P = model->num_parameters, lo = model->shard_lo, sn = model->shard_n;
     if (model->m_memory == NULL) {
-        cudaCheck(cudaMalloc(&model->m_memory, P * sizeof(float)));
-        cudaCheck(cudaMalloc(&model->v_memory, P * sizeof(float)));
+        cudaCheck(cudaMalloc(&model->m_memory, sn * sizeof(float)));
+        cudaCheck(cudaMalloc(&model->v_memory, sn * sizeof(float)));
     }
-    cudaCheck(cudaMemcpy(model->m_memory, m, P * sizeof(float), cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpy(model->v_memory, v, P * sizeof(float), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemset(model->m_memory, 0, sn * sizeof(float)));
+    cudaCheck(cudaMemset(model->v_memory, 0, sn * sizeof(float)));
+    if (lo < P) {
+        size_t cnt = lo + sn <= P ? sn : P - lo;
+        cudaCheck(cudaMemcpy(model->m_memory, m + lo, cnt * sizeof(float), cudaMemcpyHostToDevice));
+        cudaCheck(cudaMemcpy(model->v_memory, v + lo, cnt * sizeof(float), cudaMemcpyHostToDevice));
+    }
     model->moments_ready = 1;
 }
 
@@ -2558,6 +2980,7 @@ void gpt_free(GPTHC *model) {
     cudaFree(model->params_memory);
     if ((void *)model->paramsx_memory != (void *)model->params_memory) cudaFree(model->paramsx_memory);
     cudaFree(model->grads_memory);
+    cudaFree(model->wte_acc);
     cudaFree(model->m_memory);
     cudaFree(model->v_memory);
     cudaFree(model->actsx_memory);
@@ -2602,7 +3025,9 @@ static const char *gpt_device_description(void) {
     static char buf[320];
     cudaDeviceProp prop;
     gpt_init_device();
-    cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    int dev = 0;
+    cudaCheck(cudaGetDevice(&dev));   // this rank's GPU
+    cudaCheck(cudaGetDeviceProperties(&prop, dev));
     snprintf(buf, sizeof buf, "%s, %s", prop.name, PRECISION_NAME);
     return buf;
 }

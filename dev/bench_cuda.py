@@ -6,6 +6,10 @@ lines; with --profile it runs once more per mode with GPT_HC_PROFILE=1 for the t
     python3 dev/bench_cuda.py                         # d12, B=16, T=1024, all modes
     python3 dev/bench_cuda.py --depth 24 --modes residual mhc:4 --profile
     python3 dev/bench_cuda.py --depth 12 24 --modes residual shc:2 shc:4 shc:8 dhc:2 dhc:4 dhc:8 mhc:2 mhc:4 mhc:8
+    python3 dev/bench_cuda.py --depth 12 24 --modes residual mhc:4 --gpus 1 2   # data-parallel scaling
+
+With --gpus, each entry runs on each GPU count with B per GPU fixed (total batch = GPUs x B x T)
+and the table adds the scaling efficiency: tok/s on G GPUs / (G x tok/s on 1 GPU).
 """
 import argparse
 import os
@@ -15,11 +19,13 @@ import subprocess
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(args, depth, mode, n, profile=False):
+def run(args, depth, mode, n, profile=False, gpus=1):
     cmd = [args.trainer, "-e", f"d{depth}", "-H", mode, "-b", str(args.B), "-t", str(args.T),
            "-x", str(args.steps), "-v", "0", "-s", "0", "-i", args.train, "-j", args.val]
     if mode != "residual":
         cmd += ["-E", str(n)]
+    if gpus > 1:
+        cmd += ["-pn", str(gpus), "-d", str(gpus * args.B * args.T)] + args.multi_flags.split()
     env = dict(os.environ, GPT_HC_PROFILE="1" if profile else "0")
     p = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if p.returncode != 0:   # e.g. out of memory at a large n: report and go on with the next entry
@@ -42,7 +48,11 @@ def main():
     ap.add_argument("--train", default="data/tiny/tiny_train_*.bin")
     ap.add_argument("--val", default="data/tiny/tiny_val_*.bin")
     ap.add_argument("--profile", action="store_true", help="also print the time split per mode")
+    ap.add_argument("--gpus", type=int, nargs="+", default=None, help="GPU counts for a scaling table, e.g. 1 2")
+    ap.add_argument("--multi-flags", default="", help="extra flags for the runs of several GPUs, e.g. '-pz 0'")
     args = ap.parse_args()
+    if args.gpus:
+        return scaling(args)
     splits = []
     for depth in args.depth:
         print(f"d{depth} B={args.B} T={args.T} steps={args.steps} trainer={args.trainer}")
@@ -63,6 +73,27 @@ def main():
                 splits.append((f"d{depth} {label}", run(args, depth, mode, n, profile=True)[-1]))
     for label, split in splits:
         print(f"--- {label}: {split}")
+
+
+def scaling(args):
+    for depth in args.depth:
+        print(f"d{depth} B={args.B} per GPU, T={args.T}, steps={args.steps}, trainer={args.trainer} {args.multi_flags}")
+        print(f"{'mode':10s} {'GPUs':>4s} {'ms/step':>9s} {'tok/s':>9s} {'efficiency':>10s} {'peak MiB':>9s}")
+        for entry in args.modes:
+            mode, _, n = entry.partition(":")
+            n = int(n or 4)
+            label = mode if mode == "residual" else f"{mode} n={n}"
+            one = None
+            for g in args.gpus:
+                r = run(args, depth, mode, n, gpus=g)
+                if r[0] is None:
+                    print(f"{label:10s} {g:4d} failed: {r[1]}", flush=True)
+                    continue
+                ms, tps, mem, _ = r
+                if g == 1:
+                    one = tps
+                eff = f"{tps / (g * one):10.3f}" if one else f"{'-':>10s}"
+                print(f"{label:10s} {g:4d} {ms:9.1f} {tps:9d} {eff} {mem:9d}", flush=True)
 
 
 if __name__ == "__main__":

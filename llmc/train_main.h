@@ -5,7 +5,10 @@ trainers give the same CLI and write the same files. It uses only this model int
   gpt_build_fresh, gpt_build_from_checkpoint, gpt_ensure_activations, gpt_forward (host token
   arrays; sets mean_loss), gpt_zero_grad, gpt_backward, gpt_grad_norm, gpt_update, gpt_gains,
   gpt_sample, gpt_host_state, gpt_set_moments, gpt_free, gpt_device_description, gpt_step_done,
-  gpt_print_report.
+  gpt_print_report, and for runs of several processes (data parallel; the CPU trainer runs one)
+  gpt_multi_init, gpt_multi_finish, gpt_sync_grads (average the gradients over the processes) and
+  multi_sum (add host values over the processes). gpt_host_state is collective: every process
+  calls it; process 0 alone prints, writes main.log and checkpoints.
 */
 #ifndef GPT_HC_TRAIN_MAIN_H
 #define GPT_HC_TRAIN_MAIN_H
@@ -42,6 +45,13 @@ static void usage(void) {
         "  -o <dir>    output directory for main.log and checkpoints (default none)\n"
         "  -n <int>    checkpoint every N steps, 0 = only at the end (default 0; needs -o)\n"
         "  -y <0|1>    resume from the latest checkpoint in -o (default 0)\n"
+        "several GPUs (CUDA trainer; data parallel over NCCL, see README)\n"
+        "  -pn <int>   processes, one per GPU (default 1, or mpirun's count); without -pr this\n"
+        "              starts all of them on this machine\n"
+        "  -pr <int>   this process's rank, 0..pn-1 (for launching each process yourself)\n"
+        "  -pi <how>   rendezvous of the processes: mpi | fs:<shared dir> | tcp:<host of rank 0>:<port>\n"
+        "  -pg <int>   GPUs per node: GPU = rank %% pg (default: the machine's GPU count)\n"
+        "  -pz <0|1>   ZeRO stage 1, AdamW state sharded over the processes (default 1)\n"
         "  -h          this help\n");
 }
 
@@ -91,13 +101,15 @@ static int latest_checkpoint(const char *dir) {
     return best;
 }
 
-static void save_checkpoint(GPTHC *model, const char *dir, int step, const DataLoader *dl, uint64_t rng) {
+// collective: every process gathers the state, process 0 writes it
+static void save_checkpoint(GPTHC *model, const char *dir, int step, const DataLoader *dl, uint64_t rng, int rank, int world) {
     char path[4096];
     const float *params, *m, *v;
     gpt_host_state(model, &params, &m, &v);
+    if (rank != 0) return;
     snprintf(path, sizeof path, "%s/model_%08d.bin", dir, step);
     write_model_file(path, &model->config, params);
-    OptimizerStateHeader s = {step, model->num_parameters, dl->shard_index, dl->pos, rng, 1};
+    OptimizerStateHeader s = {step, model->num_parameters, dl->shard_index, dl->pos, rng, world};
     float *zeros = NULL;
     if (m == NULL) zeros = (float *)callocCheck(model->num_parameters, sizeof(float));
     snprintf(path, sizeof path, "%s/state_%08d.bin", dir, step);
@@ -122,12 +134,26 @@ int main(int argc, char **argv) {
     int val_every = 20, val_max = 20, sample_every = 20, gen_tokens = 64, ckpt_every = 0, resume = 0;
     float lr = 3e-4f, final_frac = 1.0f, weight_decay = 0.1f, grad_clip = 1.0f;
     uint64_t seed = 1337;
+    int world = 0, rank = -1, gpus_per_node = 0, zero = 1;   // world 0: not given
+    const char *rendezvous = NULL;
     for (int i = 1; i < argc; i++) {
         const char *f = argv[i];
         if (strcmp(f, "-h") == 0 || strcmp(f, "--help") == 0) { usage(); return 0; }
-        if (f[0] != '-' || strlen(f) != 2) die("unknown argument '%s' (see -h)", f);
+        int multi_flag = f[0] == '-' && f[1] == 'p' && strlen(f) == 3;
+        if (f[0] != '-' || (strlen(f) != 2 && !multi_flag)) die("unknown argument '%s' (see -h)", f);
         if (i + 1 >= argc) die("flag %s needs a value (see -h)", f);
         const char *v = argv[++i];
+        if (multi_flag) {
+            switch (f[2]) {
+                case 'n': world = parse_int(f, v, 1, 65536); break;
+                case 'r': rank = parse_int(f, v, 0, 65535); break;
+                case 'i': rendezvous = v; break;
+                case 'g': gpus_per_node = parse_int(f, v, 1, 1024); break;
+                case 'z': zero = parse_int(f, v, 0, 1); break;
+                default: die("unknown flag %s (see -h)", f);
+            }
+            continue;
+        }
         switch (f[1]) {
             case 'i': train_pattern = v; break;
             case 'j': val_pattern = v; break;
@@ -158,9 +184,18 @@ int main(int argc, char **argv) {
     }
     if (resume && out_dir == NULL) die("-y 1 (resume) needs -o <dir>");
     if (ckpt_every > 0 && out_dir == NULL) die("-n (checkpoint every) needs -o <dir>");
-    if (total_batch == -1) total_batch = B * T;
-    if (total_batch % (B * T) != 0) die("-d %d is not a multiple of B*T = %d", total_batch, B * T);
-    int grad_accum = total_batch / (B * T);
+    if (world > 1 && total_batch != -1 && total_batch % (B * T * world) != 0)   // before any process starts
+        die("-d %d is not a multiple of B*T*processes = %d*%d*%d", total_batch, B, T, world);
+    // processes: may start the others (-pn without -pr) and never return in the launching one
+    gpt_multi_init(&world, &rank, gpus_per_node, rendezvous, zero);
+    if (world > 1) g_die_rank = rank;
+    if (rank > 0 && freopen("/dev/null", "w", stdout) == NULL) die("cannot silence stdout");   // process 0 prints
+    if (total_batch == -1) total_batch = B * T * world;
+    if (total_batch % (B * T * world) != 0) {
+        if (world == 1) die("-d %d is not a multiple of B*T = %d", total_batch, B * T);
+        die("-d %d is not a multiple of B*T*processes = %d*%d*%d", total_batch, B, T, world);
+    }
+    int grad_accum = total_batch / (B * T * world);   // micro-batches per process per step
 
     // model: a checkpoint (resume takes the latest one in -o) or a fresh depth spec
     GPTHC model;
@@ -201,14 +236,7 @@ int main(int argc, char **argv) {
     DataLoader train_loader, val_loader;
     dataloader_init(&train_loader, train_pattern, B, T, c->vocab_size);
     if (val_every > 0) dataloader_init(&val_loader, val_pattern, B, T, c->vocab_size);   // -v 0: no val set needed
-    int64_t train_tokens = 0;
-    for (int s = 0; s < train_loader.num_shards; s++) {
-        FILE *fp = fopenCheck(train_loader.glob_result.gl_pathv[s], "rb");
-        int h[3];
-        freadCheck(h, sizeof(int), 3, fp, train_loader.glob_result.gl_pathv[s]);
-        fclose(fp);
-        train_tokens += h[2];
-    }
+    int64_t train_tokens = train_loader.total_tokens;
     if (max_steps < 0) {
         max_steps = (int)(train_tokens / total_batch);
         if (max_steps < 1) max_steps = 1;
@@ -241,7 +269,7 @@ int main(int argc, char **argv) {
     // print the run
     size_t base = 0;
     for (int i = 0; i < P_HC_A; i++) base += model.param_sizes[i];
-    char row[13][128];
+    char row[14][128];
     snprintf(row[0], 128, "%s", init);
     snprintf(row[1], 128, "%s", MODE_NAMES[c->mode]);
     snprintf(row[2], 128, "%d", c->n);
@@ -255,18 +283,19 @@ int main(int argc, char **argv) {
     snprintf(row[10], 128, "%d", max_steps);
     snprintf(row[11], 128, "%g, %d, %g", lr, warmup, final_frac);
     snprintf(row[12], 128, "%s", gpt_device_description());
-    const char *label[13] = {"model", "residual mode", "n (streams)", "sinkhorn iterations", "L, NH, C, max T",
+    snprintf(row[13], 128, "%d%s", world, world > 1 ? (zero ? " (ZeRO-1: AdamW state sharded)" : " (gradients all-reduced)") : "");
+    const char *label[14] = {"model", "residual mode", "n (streams)", "sinkhorn iterations", "L, NH, C, max T",
                              "vocab (padded)", "parameters", "of which HC/mHC", "B, T, grad accum", "train tokens",
-                             "steps", "lr, warmup, final", "device"};
+                             "steps", "lr, warmup, final", "device", "processes"};
     printf("+-----------------------+----------------------------------------------------+\n");
-    for (int i = 0; i < 13; i++) {
+    for (int i = 0; i < 14; i++) {
         if (i == 3 && c->mode != MODE_MHC) continue;
         printf("| %-21s | %-50s |\n", label[i], row[i]);
     }
     printf("+-----------------------+----------------------------------------------------+\n");
 
     FILE *logf = NULL;
-    if (out_dir != NULL) {
+    if (out_dir != NULL && rank == 0) {
         makedir_check(out_dir);
         char path[4096];
         snprintf(path, sizeof path, "%s/main.log", out_dir);
@@ -283,12 +312,14 @@ int main(int argc, char **argv) {
         if (val_every > 0 && (step % val_every == 0 || last)) {
             double vl = 0.0;
             dataloader_reset(&val_loader);
-            for (int i = 0; i < val_max; i++) {
+            for (int i = 0; i < val_max; i++) {   // val batch i goes to process i % world
+                if (i % world != rank) { dataloader_skip(&val_loader, 1); continue; }
                 dataloader_next_batch(&val_loader);
                 gpt_forward(&model, val_loader.inputs, val_loader.targets, B, T);
                 vl += model.mean_loss;
                 if (i == 0) gpt_gains(&model, B * T, gains, gains + K, gains + 2 * K, gains + 3 * K);
             }
+            multi_sum(&vl, 1);
             vl /= val_max;
             printf("val loss %f\n", vl);
             if (logf) {
@@ -299,19 +330,24 @@ int main(int argc, char **argv) {
                 fflush(logf);
             }
         }
-        if ((sample_every > 0 && step % sample_every == 0) || (last && max_steps == 0)) gpt_sample(&model, &tokenizer, &sample_rng, gen_tokens);
+        if (((sample_every > 0 && step % sample_every == 0) || (last && max_steps == 0)) && rank == 0)
+            gpt_sample(&model, &tokenizer, &sample_rng, gen_tokens);
         if (last) break;
 
         clock_gettime(CLOCK_MONOTONIC, &t0);
         gpt_zero_grad(&model);
         double loss = 0.0;
-        for (int micro = 0; micro < grad_accum; micro++) {
+        for (int micro = 0; micro < grad_accum; micro++) {   // batch micro*world + rank of the step
+            dataloader_skip(&train_loader, rank);
             dataloader_next_batch(&train_loader);
+            dataloader_skip(&train_loader, world - 1 - rank);
             gpt_forward(&model, train_loader.inputs, train_loader.targets, B, T);
-            gpt_backward(&model, 1.0f / grad_accum);
+            gpt_backward(&model, 1.0f / (grad_accum * world), micro == grad_accum - 1);   // summed: the mean
             loss += model.mean_loss;
         }
-        loss /= grad_accum;
+        gpt_sync_grads(&model);
+        multi_sum(&loss, 1);
+        loss /= grad_accum * world;
         float norm = gpt_grad_norm(&model);
         float scale = (grad_clip > 0.0f && norm > grad_clip) ? grad_clip / norm : 1.0f;
         float step_lr = lr_at(step, max_steps, lr, warmup, final_frac);
@@ -328,8 +364,9 @@ int main(int argc, char **argv) {
         fflush(stdout);
         if (logf) { fprintf(logf, "s:%d trl:%f lr:%f norm:%f\n", step + 1, loss, step_lr, norm); fflush(logf); }
         if (out_dir != NULL && ((ckpt_every > 0 && (step + 1) % ckpt_every == 0) || step + 1 == max_steps))
-            save_checkpoint(&model, out_dir, step + 1, &train_loader, sample_rng);
+            save_checkpoint(&model, out_dir, step + 1, &train_loader, sample_rng, rank, world);
     }
+    gpt_multi_finish();
     if (timed_steps > 0) printf("average step %.1f ms, %.0f tok/s\n", total_time / timed_steps * 1000, total_batch * timed_steps / total_time);
     gpt_print_report(&model, timed_steps, total_time * 1000);
     if (logf) fclose(logf);

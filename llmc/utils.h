@@ -12,11 +12,15 @@ Every failure prints one line "error: ..." naming the file and line, and exits 1
 #include <string.h>
 #include <sys/stat.h>
 
+// this process's rank in a multi-process run (-1: a single process), named in error lines
+static int g_die_rank = -1;
+
 // print "error: <message>" and exit non-zero: the one way bad input ends a program
 static inline void die(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     fprintf(stderr, "error: ");
+    if (g_die_rank >= 0) fprintf(stderr, "rank %d: ", g_die_rank);
     vfprintf(stderr, fmt, ap);
     fprintf(stderr, "\n");
     va_end(ap);
