@@ -9,7 +9,7 @@ Tests of the CPU trainer (run by `make test`):
  4. the command line (./train_gpt_hc): resuming from a checkpoint is bit-exact, and bad input
     (flags, shards, checkpoints) ends with a one-line error and a non-zero exit;
  5. --multi-gpu (on a machine with 2 GPUs, GPT_HC_TRAINER=./train_gpt_hcu[_fp32]): 20 steps on
-    2 GPUs equal 20 steps on 1 GPU with the same total batch, with and without ZeRO-1, and
+    2 GPUs equal 20 steps on 1 GPU with the same total batch in every mode, with and without ZeRO-1, and
     checkpoints move between 1 and 2 GPUs and to the CPU trainer (test_multi_gpu below).
 Tolerances: fp32 against float64 over this small model lands near 1e-6 relative; we allow
 1e-4 relative to each tensor's largest reference value (two orders of headroom; a wrong formula
@@ -506,9 +506,11 @@ static void test_multi_gpu(void) {
         snprintf(a, sizeof a, "%s/x_val_000000.bin", dir); write_shard(a, 20240520, 8000, 8000, 0);
         snprintf(data, sizeof data, "-i '%s/x_train_*' -j '%s/x_val_*'", dir, dir);
     }
-    const char *modes[] = {"residual", "mhc"};
-    for (int mi = 0; mi < 2; mi++) {
+    // every mode (n = 4); GPT_HC_MULTI_MODES="shc dhc" picks some
+    const char *modes[] = {"residual", "shc", "dhc", "mhc"}, *pick = getenv("GPT_HC_MULTI_MODES");
+    for (int mi = 0; mi < 4; mi++) {
         const char *md = modes[mi];
+        if (pick && *pick && strstr(pick, md) == NULL) continue;
         char args[2048], base[2048];
         // total batch 2 x B*T: one GPU accumulates 2 micro-batches, two GPUs take one each
         snprintf(args, sizeof args, "-e d2 -H %s -b 4 -t 64 -d 512 -x 20 -l 1e-3 -u 2 -q 0.1 -v 10 -m 4 -s 0 -n 10 %s", md, data);
