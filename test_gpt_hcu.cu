@@ -215,14 +215,9 @@ static void test_attention(int B, int T, int NH) {
                     }
                 }
             }
-    floatX *qkv, *dout, *out, *dqkv, *att;
-    float *lse;
-    cudaCheck(cudaMalloc(&qkv, nqkv * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&dout, no * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&out, no * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&dqkv, nqkv * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&att, (size_t)B * NH * T * T * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&lse, (size_t)B * NH * T * sizeof(float)));
+    floatX *qkv = dalloc<floatX>(nqkv), *dout = dalloc<floatX>(no), *out = dalloc<floatX>(no), *dqkv = dalloc<floatX>(nqkv);
+    floatX *att = dalloc<floatX>((size_t)B * NH * T * T);
+    float *lse = dalloc<float>((size_t)B * NH * T);
     cudaCheck(cudaMemcpy(qkv, xq, nqkv * sizeof(floatX), cudaMemcpyHostToDevice));
     cudaCheck(cudaMemcpy(dout, xd, no * sizeof(floatX), cudaMemcpyHostToDevice));
     for (int fused = 0; fused < 2; fused++) {
@@ -269,22 +264,10 @@ static void test_mhc_proj(int BT, int C) {
     uint64_t rng = 77 + N;
     float *h = (float *)mallocCheck(nh * sizeof(float));
     floatX *xb = (floatX *)mallocCheck(nh * sizeof(floatX));
-    floatX *H, *dH0, *dH1, *phi, *dp, *du;
-    float *p0, *p1, *r0, *r1, *kx, *pre, *dpre0, *dpre1;
-    cudaCheck(cudaMalloc(&du, (size_t)BT * C * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&pre, (size_t)BT * N * sizeof(float)));
-    cudaCheck(cudaMalloc(&dpre0, (size_t)BT * N * sizeof(float)));
-    cudaCheck(cudaMalloc(&dpre1, (size_t)BT * N * sizeof(float)));
-    cudaCheck(cudaMalloc(&H, nh * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&dH0, nh * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&dH1, nh * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&phi, (size_t)nC * m * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&dp, (size_t)BT * m * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&p0, (size_t)BT * m * sizeof(float)));
-    cudaCheck(cudaMalloc(&p1, (size_t)BT * m * sizeof(float)));
-    cudaCheck(cudaMalloc(&r0, BT * sizeof(float)));
-    cudaCheck(cudaMalloc(&r1, BT * sizeof(float)));
-    cudaCheck(cudaMalloc(&kx, BT * sizeof(float)));
+    floatX *H = dalloc<floatX>(nh), *dH0 = dalloc<floatX>(nh), *dH1 = dalloc<floatX>(nh), *phi = dalloc<floatX>((size_t)nC * m);
+    floatX *dp = dalloc<floatX>((size_t)BT * m), *du = dalloc<floatX>((size_t)BT * C);
+    float *p0 = dalloc<float>((size_t)BT * m), *p1 = dalloc<float>((size_t)BT * m), *r0 = dalloc<float>(BT), *r1 = dalloc<float>(BT);
+    float *kx = dalloc<float>(BT), *pre = dalloc<float>((size_t)BT * N), *dpre0 = dalloc<float>((size_t)BT * N), *dpre1 = dalloc<float>((size_t)BT * N);
     auto upload = [&](floatX *d, size_t n, float scale) {
         rng_normal_fill(&rng, h, n, 0.0f, scale);
         for (size_t i = 0; i < n; i++) xb[i] = (floatX)h[i];

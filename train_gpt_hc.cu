@@ -93,6 +93,14 @@ __device__ __forceinline__ floatX tox(float x) { return (floatX)x; }
 
 static inline unsigned ceil_div(size_t a, size_t b) { return (unsigned)((a + b - 1) / b); }
 
+// n elements of T on the device (out of memory ends with the one-line error)
+template <typename T>
+static T *dalloc(size_t n) {
+    T *p;
+    cudaCheck(cudaMalloc(&p, n * sizeof(T)));
+    return p;
+}
+
 // opt-in time split (GPT_HC_PROFILE=1): events around each category, synchronized per scope,
 // so it slows the run a little; the benchmark reports tok/s from a run without it
 enum { PROF_MATMUL, PROF_ATTENTION, PROF_HC, PROF_HC_COEF, PROF_NORM, PROF_CLASSIFIER, PROF_OPTIMIZER, PROF_N };
@@ -1128,34 +1136,32 @@ __device__ __forceinline__ void fa_load_a(uint32_t a[4][4], const __nv_bfloat16 
     for (int kk = 0; kk < 4; kk++) ldsm_x4(a[kk], rows16 + (lane % 16) * FA_LD + kk * 16 + (lane / 16) * 8);
 }
 
-// acc (16 x 64) += A (16 x 64) * Bt^T, with Bt a shared 64 x 64 tile stored [n][k] (k contiguous)
-__device__ __forceinline__ void fa_mma_nt(float acc[8][4], const uint32_t a[4][4], const __nv_bfloat16 *Bt) {
+// acc (16 x 64) += A[:, 16kk:16kk+16] * Bt[:, 16kk:16kk+16]^T (one k step; A's fragment in a)
+__device__ __forceinline__ void fa_mma_nt_step(float acc[8][4], const uint32_t a[4], const __nv_bfloat16 *Bt, int kk) {
     int lane = threadIdx.x % 32;
 #pragma unroll
-    for (int kk = 0; kk < 4; kk++)
-#pragma unroll
-        for (int jp = 0; jp < 4; jp++) {
-            uint32_t b[4];
-            ldsm_x4(b, Bt + ((lane % 8) + (lane / 16) * 8 + jp * 16) * FA_LD + kk * 16 + ((lane / 8) % 2) * 8);
-            mma_bf16(acc[2 * jp], a[kk], b[0], b[1]);
-            mma_bf16(acc[2 * jp + 1], a[kk], b[2], b[3]);
-        }
+    for (int jp = 0; jp < 4; jp++) {
+        uint32_t b[4];
+        ldsm_x4(b, Bt + ((lane % 8) + (lane / 16) * 8 + jp * 16) * FA_LD + kk * 16 + ((lane / 8) % 2) * 8);
+        mma_bf16(acc[2 * jp], a, b[0], b[1]);
+        mma_bf16(acc[2 * jp + 1], a, b[2], b[3]);
+    }
 }
 
-// as fa_mma_nt, with A read from a shared tile (16 rows, k contiguous) instead of registers
+// acc (16 x 64) += A (16 x 64) * Bt^T, with Bt a shared 64 x 64 tile stored [n][k] (k contiguous)
+__device__ __forceinline__ void fa_mma_nt(float acc[8][4], const uint32_t a[4][4], const __nv_bfloat16 *Bt) {
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) fa_mma_nt_step(acc, a[kk], Bt, kk);
+}
+
+// as fa_mma_nt, with A read from a shared tile (16 rows, k contiguous) one k step at a time
 __device__ __forceinline__ void fa_mma_nt_sa(float acc[8][4], const __nv_bfloat16 *A16, const __nv_bfloat16 *Bt) {
     int lane = threadIdx.x % 32;
 #pragma unroll
     for (int kk = 0; kk < 4; kk++) {
         uint32_t a[4];
         ldsm_x4(a, A16 + (lane % 16) * FA_LD + kk * 16 + (lane / 16) * 8);
-#pragma unroll
-        for (int jp = 0; jp < 4; jp++) {
-            uint32_t b[4];
-            ldsm_x4(b, Bt + ((lane % 8) + (lane / 16) * 8 + jp * 16) * FA_LD + kk * 16 + ((lane / 8) % 2) * 8);
-            mma_bf16(acc[2 * jp], a, b[0], b[1]);
-            mma_bf16(acc[2 * jp + 1], a, b[2], b[3]);
-        }
+        fa_mma_nt_step(acc, a, Bt, kk);
     }
 }
 

@@ -71,6 +71,14 @@ static float parse_float(const char *flag, const char *s, float lo, float hi) {
     return v;
 }
 
+// -d must split into whole micro-batches of B*T on every process (-1: not given, B*T*processes)
+static void check_total_batch(int total_batch, int B, int T, int world) {
+    if (world < 1) world = 1;
+    if (total_batch == -1 || total_batch % (B * T * world) == 0) return;
+    if (world == 1) die("-d %d is not a multiple of B*T = %d", total_batch, B * T);
+    die("-d %d is not a multiple of B*T*processes = %d*%d*%d", total_batch, B, T, world);
+}
+
 // GPT-2 sizes by depth as llm.c names them (d12 = 124M, d24 = 350M, d36 = 774M, d48 = 1558M);
 // other depths get 64 channels per layer and one head per 64 channels
 static void depth_to_shape(int depth, int *channels, int *heads) {
@@ -184,17 +192,13 @@ int main(int argc, char **argv) {
     }
     if (resume && out_dir == NULL) die("-y 1 (resume) needs -o <dir>");
     if (ckpt_every > 0 && out_dir == NULL) die("-n (checkpoint every) needs -o <dir>");
-    if (world > 1 && total_batch != -1 && total_batch % (B * T * world) != 0)   // before any process starts
-        die("-d %d is not a multiple of B*T*processes = %d*%d*%d", total_batch, B, T, world);
+    check_total_batch(total_batch, B, T, world);   // -pn known: before any process starts
     // processes: may start the others (-pn without -pr) and never return in the launching one
     gpt_multi_init(&world, &rank, gpus_per_node, rendezvous, zero);
     if (world > 1) g_die_rank = rank;
     if (rank > 0 && freopen("/dev/null", "w", stdout) == NULL) die("cannot silence stdout");   // process 0 prints
     if (total_batch == -1) total_batch = B * T * world;
-    if (total_batch % (B * T * world) != 0) {
-        if (world == 1) die("-d %d is not a multiple of B*T = %d", total_batch, B * T);
-        die("-d %d is not a multiple of B*T*processes = %d*%d*%d", total_batch, B, T, world);
-    }
+    check_total_batch(total_batch, B, T, world);   // the count may come from mpirun
     int grad_accum = total_batch / (B * T * world);   // micro-batches per process per step
 
     // model: a checkpoint (resume takes the latest one in -o) or a fresh depth spec

@@ -271,21 +271,16 @@ static void fill_random(floatX *d, size_t n, uint64_t *rng) {
 static int check(int B, int T, int NH, uint64_t seed) {
     int C = NH * 64, BT = B * T;
     size_t nqkv = (size_t)BT * 3 * C, no = (size_t)BT * C;
-    floatX *qkv, *dout, *out[NVAR], *dqkv[NVAR], *att;
-    float *lse, *D;
-    cudaCheck(cudaMalloc(&qkv, nqkv * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&dout, no * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&att, (size_t)B * NH * T * T * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&lse, (size_t)B * NH * T * sizeof(float)));
-    cudaCheck(cudaMalloc(&D, (size_t)B * NH * T * sizeof(float)));
+    floatX *qkv = dalloc<floatX>(nqkv), *dout = dalloc<floatX>(no), *out[NVAR], *dqkv[NVAR], *att = dalloc<floatX>((size_t)B * NH * T * T);
+    float *lse = dalloc<float>((size_t)B * NH * T), *D = dalloc<float>((size_t)B * NH * T);
     uint64_t rng = seed;
     fill_random(qkv, nqkv, &rng);
     fill_random(dout, no, &rng);
     int ok = 1;
     float *o0 = NULL, *g0 = NULL;
     for (int v = 0; v < NVAR; v++) {
-        cudaCheck(cudaMalloc(&out[v], no * sizeof(floatX)));
-        cudaCheck(cudaMalloc(&dqkv[v], nqkv * sizeof(floatX)));
+        out[v] = dalloc<floatX>(no);
+        dqkv[v] = dalloc<floatX>(nqkv);
         cudaCheck(cudaMemset(out[v], 0xff, no * sizeof(floatX)));   // bf16 0xffff is a NaN
         cudaCheck(cudaMemset(dqkv[v], 0xff, nqkv * sizeof(floatX)));
         if (v == 1 && T % 64 != 0) continue;
@@ -339,15 +334,9 @@ int main(int argc, char **argv) {
     ok &= check(2, 64, 3, 3);
     // timing: median of 9 repetitions after a warm-up, on one set of inputs (each 25-75 MB, far over L2)
     size_t nqkv = (size_t)BT * 3 * C, no = (size_t)BT * C;
-    floatX *qkv, *dout, *out, *dqkv, *att;
-    float *lse, *D;
-    cudaCheck(cudaMalloc(&qkv, nqkv * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&dout, no * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&out, no * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&dqkv, nqkv * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&att, (size_t)B * NH * T * T * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&lse, (size_t)B * NH * T * sizeof(float)));
-    cudaCheck(cudaMalloc(&D, (size_t)B * NH * T * sizeof(float)));
+    floatX *qkv = dalloc<floatX>(nqkv), *dout = dalloc<floatX>(no), *out = dalloc<floatX>(no), *dqkv = dalloc<floatX>(nqkv);
+    floatX *att = dalloc<floatX>((size_t)B * NH * T * T);
+    float *lse = dalloc<float>((size_t)B * NH * T), *D = dalloc<float>((size_t)B * NH * T);
     uint64_t rng = 7;
     fill_random(qkv, nqkv, &rng);
     fill_random(dout, no, &rng);

@@ -52,10 +52,9 @@ static void row(const char *name, float ms, double bytes) {
 
 static floatX *rand_dev(size_t n, float scale, uint64_t *rng) {
     float *h = (float *)mallocCheck(n * sizeof(float));
-    floatX *x = (floatX *)mallocCheck(n * sizeof(floatX)), *d;
+    floatX *x = (floatX *)mallocCheck(n * sizeof(floatX)), *d = dalloc<floatX>(n);
     rng_normal_fill(rng, h, n, 0.0f, scale);
     for (size_t i = 0; i < n; i++) x[i] = (floatX)h[i];
-    cudaCheck(cudaMalloc(&d, n * sizeof(floatX)));
     cudaCheck(cudaMemcpy(d, x, n * sizeof(floatX), cudaMemcpyHostToDevice));
     free(h);
     free(x);
@@ -63,9 +62,8 @@ static floatX *rand_dev(size_t n, float scale, uint64_t *rng) {
 }
 
 static float *rand_devf(size_t n, float mean, float scale, uint64_t *rng) {
-    float *h = (float *)mallocCheck(n * sizeof(float)), *d;
+    float *h = (float *)mallocCheck(n * sizeof(float)), *d = dalloc<float>(n);
     rng_normal_fill(rng, h, n, mean, scale);
-    cudaCheck(cudaMalloc(&d, n * sizeof(float)));
     cudaCheck(cudaMemcpy(d, h, n * sizeof(float), cudaMemcpyHostToDevice));
     free(h);
     return d;
@@ -88,10 +86,8 @@ int main(int argc, char **argv) {
     size_t nh = (size_t)BT * nC;
     // copy rate: 2 GB moved (1 GB read + 1 GB written) per copy
     {
-        void *a, *b;
         size_t sz = (size_t)1 << 30;
-        cudaCheck(cudaMalloc(&a, sz));
-        cudaCheck(cudaMalloc(&b, sz));
+        char *a = dalloc<char>(sz), *b = dalloc<char>(sz);
         cudaCheck(cudaMemset(a, 1, sz));
         float ms = median_ms([&] { cudaCheck(cudaMemcpy(b, a, sz, cudaMemcpyDeviceToDevice)); }, 9);
         g_copy_gbs = 2.0 * sz / (ms * 1e-3) / 1e9;
@@ -99,23 +95,13 @@ int main(int argc, char **argv) {
         cudaFree(b);
     }
     printf("BT=%d C=%d n=%d bf16; device-to-device copy %.0f GB/s (read + write)\n", BT, C, NN, g_copy_gbs);
-    floatX *H = rand_dev(nh, 1.0f, &rng), *dH = rand_dev(nh, 1.0f, &rng), *dH2, *phi = rand_dev((size_t)nC * MM, 0.02f, &rng);
-    floatX *dp = rand_dev((size_t)BT * MM, 1.0f, &rng), *y = rand_dev((size_t)BT * C, 1.0f, &rng), *u, *Hn;
-    floatX *dy, *du = rand_dev((size_t)BT * C, 1.0f, &rng);
-    float *p0, *p1, *r0, *r1, *kx = rand_devf(BT, 0.0f, 0.01f, &rng);
-    float *pre = rand_devf((size_t)BT * NN, 0.5f, 0.1f, &rng), *post = rand_devf((size_t)BT * NN, 1.0f, 0.1f, &rng);
-    float *res = rand_devf((size_t)BT * NN * NN, 0.25f, 0.05f, &rng), *dpre, *dpost, *dres;
-    cudaCheck(cudaMalloc(&dH2, nh * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&Hn, nh * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&u, (size_t)BT * C * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&dy, (size_t)BT * C * sizeof(floatX)));
-    cudaCheck(cudaMalloc(&p0, (size_t)BT * MM * sizeof(float)));
-    cudaCheck(cudaMalloc(&p1, (size_t)BT * MM * sizeof(float)));
-    cudaCheck(cudaMalloc(&r0, BT * sizeof(float)));
-    cudaCheck(cudaMalloc(&r1, BT * sizeof(float)));
-    cudaCheck(cudaMalloc(&dpre, (size_t)BT * NN * sizeof(float)));
-    cudaCheck(cudaMalloc(&dpost, (size_t)BT * NN * sizeof(float)));
-    cudaCheck(cudaMalloc(&dres, (size_t)BT * NN * NN * sizeof(float)));
+    floatX *H = rand_dev(nh, 1.0f, &rng), *dH = rand_dev(nh, 1.0f, &rng), *phi = rand_dev((size_t)nC * MM, 0.02f, &rng);
+    floatX *dp = rand_dev((size_t)BT * MM, 1.0f, &rng), *y = rand_dev((size_t)BT * C, 1.0f, &rng), *du = rand_dev((size_t)BT * C, 1.0f, &rng);
+    floatX *dH2 = dalloc<floatX>(nh), *Hn = dalloc<floatX>(nh), *u = dalloc<floatX>((size_t)BT * C), *dy = dalloc<floatX>((size_t)BT * C);
+    float *kx = rand_devf(BT, 0.0f, 0.01f, &rng), *pre = rand_devf((size_t)BT * NN, 0.5f, 0.1f, &rng);
+    float *post = rand_devf((size_t)BT * NN, 1.0f, 0.1f, &rng), *res = rand_devf((size_t)BT * NN * NN, 0.25f, 0.05f, &rng);
+    float *p0 = dalloc<float>((size_t)BT * MM), *p1 = dalloc<float>((size_t)BT * MM), *r0 = dalloc<float>(BT), *r1 = dalloc<float>(BT);
+    float *dpre = dalloc<float>((size_t)BT * NN), *dpost = dalloc<float>((size_t)BT * NN), *dres = dalloc<float>((size_t)BT * NN * NN);
     const float one = 1.0f, zero = 0.0f;
     auto fwd1 = [&] {
         cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_N, MM, BT, nC, &one, phi, CUBLAS_X, MM, H, CUBLAS_X, nC, &zero, p0,
@@ -123,8 +109,7 @@ int main(int argc, char **argv) {
         rms_kernel<<<ceil_div(BT, 4), 128>>>(r0, H, BT, nC);
     };
     auto fwd2 = [&] { mhc_proj_forward_kernel<NN><<<ceil_div(BT, 64), 128>>>(p1, r1, H, phi, BT, nC); };
-    float *dpre1;
-    cudaCheck(cudaMalloc(&dpre1, (size_t)BT * NN * sizeof(float)));
+    float *dpre1 = dalloc<float>((size_t)BT * NN);
     auto bwd1 = [&] {
         hc_premix_backward_kernel<NN><<<ceil_div(BT, 4), 128>>>(dH, dpre1, du, H, pre, BT, C);
         cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_T, CUBLAS_OP_N, nC, BT, MM, &one, phi, CUBLAS_X, MM, dp, CUBLAS_X, MM, &one, dH,
