@@ -117,11 +117,16 @@ static void test_reference(const char *name) {
         report(worst < 1e-5, "%-8s coefficients (pre, post, res) of %d sublayers: max abs err %.2e", name, K, worst);
     }
 
-    // diagnostics: mhc's Hres is row-stochastic, so single and composite forward gains are 1;
-    // shc/dhc start at A_r = I and dhc's dynamic part s_a tanh(N W_a) is 0 (W_a = 0): all gains 1
+    // diagnostics on a fresh model of this config (the dump is 3 steps past init): mhc's Hres is
+    // row-stochastic, so single and composite forward gains are 1; shc/dhc start at A_r = I and
+    // dhc's dynamic part s_a tanh(N W_a) is 0 (W_a = 0): all gains 1
     {
         double *gn = (double *)mallocCheck(4 * (size_t)K * sizeof(double)), worst = 0.0;
-        gpt_gains(&model, BT, gn, gn + K, gn + 2 * K, gn + 3 * K);
+        GPTHC fresh;
+        gpt_build_fresh(&fresh, c, 1337);
+        gpt_forward(&fresh, d.inputs, d.targets, B, T);
+        gpt_gains(&fresh, BT, gn, gn + K, gn + 2 * K, gn + 3 * K);
+        gpt_free(&fresh);
         int rows_only = c->mode == MODE_MHC;
         for (int k = 0; k < K; k++)
             for (int q = 0; q < 4; q++)

@@ -5,12 +5,16 @@ PyTorch reference of gpt_hc, written straight from ../shared/SPEC.md, in float64
     python3 scripts/reference.py --check    # self-checks only, writes nothing
 
 For each dumped config (residual, shc n=4, dhc n=4, mhc n=4, mhc n=2) it writes
-  data/ref/<name>_model.bin   the initial checkpoint (fp32 parameters)
+  data/ref/<name>_model.bin   the dumped checkpoint (fp32 parameters): the init after 3 AdamW
+                              steps on another batch (lr 1e-2), so that every HC/mHC parameter
+                              has left its init and every gradient is non-zero (at init W_a = 0
+                              and phi = 0 make the gradients of LNh, s_a, s_b and alpha exactly 0)
   data/ref/<name>_debug.bin   a fixed batch, logits, loss, every parameter gradient, the
                               per-token HC coefficients of every sublayer, and the losses of
-                              10 AdamW steps on that batch (docs/FORMATS.md)
-The parameters are rounded to fp32 once (that is what the checkpoint holds) and everything is
-then computed in float64, so the dumps are exact to fp32 output rounding.
+                              10 AdamW steps on that batch from the dumped checkpoint (docs/FORMATS.md)
+The self-checks run on the init. The dumped parameters are rounded to fp32 once (that is what
+the checkpoint holds) and everything is then computed in float64, so the dumps are exact to fp32
+output rounding.
 """
 import argparse
 import math
@@ -208,26 +212,38 @@ CONFIGS = [("residual", "residual", 1), ("shc4", "shc", 4), ("dhc4", "dhc", 4),
            ("mhc4", "mhc", 4), ("mhc2", "mhc", 2)]
 B, T, STEPS, SEED, DATA_SEED = 4, 32, 10, 1337, 42
 HYPER = dict(lr=1e-3, b1=0.9, b2=0.95, eps=1e-8, wd=0.1, clip=1.0)
+WARM_STEPS, WARM_LR = 3, 1e-2
 
 
 def to64(p):
     return {k: v.to(DT).clone().requires_grad_(True) for k, v in p.items()}
 
 
-def run_config(name, mode, n, idx, targets, outdir):
+def run_config(name, mode, n, idx, targets, warm, outdir):
     cfg = dict(BASE, mode=mode, n=n)
     formats.check_config(cfg)
     p32 = init_params(cfg, SEED)
-    p64 = to64(p32)
     keep, spread = [], []
-    logits, loss = forward(p64, cfg, idx, targets, keep, spread=spread)
-    loss.backward()
+    with torch.no_grad():
+        _, loss = forward(to64(p32), cfg, idx, targets, keep, spread=spread)
+    # the dumped model: WARM_STEPS AdamW steps from the init on the warm-up batch, rounded to fp32
+    pw = to64(p32)
+    adamw_steps(pw, cfg, warm[0], warm[1], WARM_STEPS, **dict(HYPER, lr=WARM_LR))
+    d32 = {k: v.detach().to(torch.float32) for k, v in pw.items()}
+    p64 = to64(d32)
+    dkeep = []
+    logits, dloss = forward(p64, cfg, idx, targets, dkeep)
+    dloss.backward()
     grads = b"".join(p64[nm].grad.to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
                      for nm, _ in formats.param_specs(cfg))
-    coeffs = torch.cat([torch.cat([pre, post, res.flatten(-2)], -1) for pre, post, res in keep])
-    losses = adamw_steps(to64(p32), cfg, idx, targets, STEPS, **HYPER)
-    assert abs(losses[0] - loss.item()) < 1e-12
+    coeffs = torch.cat([torch.cat([pre, post, res.flatten(-2)], -1) for pre, post, res in dkeep])
+    losses = adamw_steps(to64(d32), cfg, idx, targets, STEPS, **HYPER)
+    assert abs(losses[0] - dloss.item()) < 1e-12
     checks = []
+    if mode != "residual":   # after the warm-up no HC/mHC gradient is 0
+        low = min(float(p64[nm].grad.abs().max()) for nm, _ in formats.param_specs(cfg)
+                  if nm.startswith(("hc_", "mhc_")))
+        checks.append(("smallest HC/mHC gradient max |g| (must be > 0)", 0.0 if low > 0 else 1.0, 0.5))
     if mode != "residual":   # at init every stream holds the same vector
         checks.append(("max |H_i - H_0| after any sublayer", max(spread), 1e-12))
     if mode in ("shc", "dhc"):   # ... so HC equals residual with the final state scaled by n
@@ -240,7 +256,7 @@ def run_config(name, mode, n, idx, targets, outdir):
             checks.append(("Hres row sums", (res.sum(-1) - 1).abs().max().item(), 1e-6))
             checks.append(("Hres column sums", (res.sum(-2) - 1).abs().max().item(), 1e-3))
     if outdir:
-        formats.write_model(os.path.join(outdir, f"{name}_model.bin"), cfg, flat_bytes(p32, cfg))
+        formats.write_model(os.path.join(outdir, f"{name}_model.bin"), cfg, flat_bytes(d32, cfg))
         P = formats.num_params(cfg)
         hdr = [0] * 256
         hdr[0:10] = [formats.DEBUG_MAGIC, formats.DEBUG_VERSION, B, T, STEPS, P & 0xFFFFFFFF, P >> 32,
@@ -273,11 +289,12 @@ def main():
     g = torch.Generator().manual_seed(DATA_SEED)
     idx = torch.randint(0, BASE["V"], (B, T), generator=g)
     targets = torch.randint(0, BASE["V"], (B, T), generator=g)
+    warm = (torch.randint(0, BASE["V"], (B, T), generator=g), torch.randint(0, BASE["V"], (B, T), generator=g))
     failed = 0
     base_loss = None
     base_p = None
     for name, mode, n in CONFIGS:
-        cfg, p32, loss, losses, checks = run_config(name, mode, n, idx, targets, outdir)
+        cfg, p32, loss, losses, checks = run_config(name, mode, n, idx, targets, warm, outdir)
         if mode == "residual":
             base_loss, base_p = loss, p32
         # identical base weights in every mode (one RNG stream)
