@@ -121,11 +121,13 @@ static void test_reference(const char *name) {
     // row-stochastic, so single and composite forward gains are 1; shc/dhc start at A_r = I and
     // dhc's dynamic part s_a tanh(N W_a) is 0 (W_a = 0): all gains 1
     {
-        double *gn = (double *)mallocCheck(4 * (size_t)K * sizeof(double)), worst = 0.0;
+        Diagnostics dg;
+        diagnostics_alloc(&dg, c);
+        double *gn = dg.fwd, worst = 0.0;
         GPTHC fresh;
         gpt_build_fresh(&fresh, c, 1337);
         gpt_forward(&fresh, d.inputs, d.targets, B, T);
-        gpt_gains(&fresh, BT, gn, gn + K, gn + 2 * K, gn + 3 * K);
+        gpt_diagnostics(&fresh, BT, &dg);
         gpt_free(&fresh);
         int rows_only = c->mode == MODE_MHC;
         for (int k = 0; k < K; k++)
@@ -133,7 +135,36 @@ static void test_reference(const char *name) {
                 if (!rows_only || q == 0 || q == 2) worst = fmax(worst, fabs(gn[q * K + k] - 1.0));
         report(worst < 1e-5, "%-8s gains at init: max |gain - 1| = %.2e (%s)", name, worst,
                rows_only ? "forward gains" : "all four");
-        free(gn);
+        diagnostics_free(&dg);
+    }
+
+    // the unfolded connection matrix of single tokens: row k's weights on the embedding and the
+    // sublayer outputs rebuild the sublayer input u_k, row K the summed final state
+    {
+        Diagnostics dg;
+        diagnostics_alloc(&dg, c);
+        int hc = c->mode != MODE_RESIDUAL, S = K + 1, C = c->channels;
+        double worst = 0.0, top = 0.0;
+        gpt_forward(&model, d.inputs, d.targets, B, T);
+        int toks[3] = {0, 37 % BT, BT - 1};
+        for (int ti = 0; ti < 3; ti++) {
+            int bt = toks[ti];
+            compute_diagnostics(&dg, hc ? model.acts.pre + (size_t)bt * n : NULL, hc ? model.acts.post + (size_t)bt * n : NULL,
+                                hc ? model.acts.res + (size_t)bt * n * n : NULL, 1, BT);
+            for (int k = 0; k <= K; k++) {
+                const float *target = k == K ? model.acts.hsum + (size_t)bt * C
+                                      : hc ? model.acts.u + ((size_t)k * BT + bt) * C : model.acts.H + ((size_t)k * BT + bt) * C;
+                for (int ch = 0; ch < C; ch++) {
+                    double v = dg.conn[k * S] * model.acts.x0[(size_t)bt * C + ch];
+                    for (int m = 0; m < k; m++) v += dg.conn[k * S + 1 + m] * model.acts.y[((size_t)m * BT + bt) * C + ch];
+                    worst = fmax(worst, fabs(v - target[ch]));
+                    top = fmax(top, fabs(target[ch]));
+                }
+            }
+        }
+        report(worst < 1e-5 * top, "%-8s connection matrix rebuilds every sublayer input and h: max abs err %.2e (max |u| %.2e)",
+               name, worst, top);
+        diagnostics_free(&dg);
     }
 
     // backward: every parameter tensor

@@ -1078,11 +1078,14 @@ void gpt_free(GPTHC *model) {
 }
 
 // ----------------------------------------------------------------------------
-// diagnostics (SPEC.md section 4): forward/backward gains of each sublayer's mapping M = res
-// (H'_i = sum_j M[i][j] H_j) and of the composite M_k ... M_0, averaged over tokens
+// diagnostics (SPEC.md section 4) of the last forward's first BT tokens: gains, mean mappings,
+// connection matrix (llmc/model_common.h)
 
-void gpt_gains(GPTHC *model, int BT, double *fwd, double *bwd, double *cfwd, double *cbwd) {
-    compute_gains(&model->config, model->acts.res, BT, fwd, bwd, cfwd, cbwd);
+void gpt_diagnostics(GPTHC *model, int BT, Diagnostics *d) {
+    int hc = model->config.mode != MODE_RESIDUAL;
+    size_t ld = (size_t)model->last_B * model->last_T;   // the coefficients are (K, last B*T, ...)
+    if ((size_t)BT > ld) die("internal: diagnostics of %d tokens after a forward of %zu", BT, ld);
+    compute_diagnostics(d, hc ? model->acts.pre : NULL, hc ? model->acts.post : NULL, hc ? model->acts.res : NULL, BT, ld);
 }
 
 // ----------------------------------------------------------------------------

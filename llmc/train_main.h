@@ -3,7 +3,7 @@ The command-line driver shared by train_gpt_hc.c (CPU) and train_gpt_hc.cu (CUDA
 the training loop, validation and diagnostics, sampling, checkpoints and exact resume. Both
 trainers give the same CLI and write the same files. It uses only this model interface:
   gpt_build_fresh, gpt_build_from_checkpoint, gpt_ensure_activations, gpt_forward (host token
-  arrays; sets mean_loss), gpt_zero_grad, gpt_backward, gpt_grad_norm, gpt_update, gpt_gains,
+  arrays; sets mean_loss), gpt_zero_grad, gpt_backward, gpt_grad_norm, gpt_update, gpt_diagnostics,
   gpt_sample, gpt_host_state, gpt_set_moments, gpt_free, gpt_device_description, gpt_step_done,
   gpt_print_report, and for runs of several processes (data parallel; the CPU trainer runs one)
   gpt_multi_init, gpt_multi_finish, gpt_sync_grads (average the gradients over the processes) and
@@ -89,6 +89,31 @@ static void depth_to_shape(int depth, int *channels, int *heads) {
         case 60: *channels = 1920; *heads = 30; return;
         case 72: *channels = 2880; *heads = 30; return;
         default: *channels = 64 * depth; *heads = depth;
+    }
+}
+
+static void log_values(FILE *f, const char *key, const double *v, int count) {
+    fprintf(f, " %s:", key);
+    for (int i = 0; i < count; i++) fprintf(f, i ? ",%.6g" : "%.6g", v[i]);
+}
+
+// main.log lines of one validation step (docs/FORMATS.md)
+static void log_diagnostics(FILE *f, int step, const Diagnostics *d) {
+    int K = d->K, n = d->n;
+    for (int k = 0; k < K; k++)
+        fprintf(f, "s:%d gain k:%d fwd:%.6f bwd:%.6f cfwd:%.6f cbwd:%.6f\n", step, k, d->fwd[k], d->bwd[k], d->cfwd[k], d->cbwd[k]);
+    for (int k = 0; k < K; k++) {
+        fprintf(f, "s:%d map k:%d", step, k);
+        log_values(f, "pre", d->pre + k * n, n);
+        log_values(f, "post", d->post + k * n, n);
+        log_values(f, "res", d->res + k * n * n, n * n);
+        log_values(f, "comp", d->comp + k * n * n, n * n);
+        fprintf(f, "\n");
+    }
+    for (int k = 0; k <= K; k++) {
+        fprintf(f, "s:%d conn k:%d", step, k);
+        log_values(f, "w", d->conn + k * (K + 1), K + 1);
+        fprintf(f, "\n");
     }
 }
 
@@ -306,8 +331,8 @@ int main(int argc, char **argv) {
         logf = fopenCheck(path, resume_step >= 0 ? "a" : "w");
     }
 
-    int K = 2 * c->num_layers;
-    double *gains = (double *)mallocCheck(4 * (size_t)K * sizeof(double));
+    Diagnostics diag;
+    diagnostics_alloc(&diag, c);
     struct timespec t0, t1;
     double total_time = 0.0;
     int timed_steps = 0;
@@ -321,16 +346,14 @@ int main(int argc, char **argv) {
                 dataloader_next_batch(&val_loader);
                 gpt_forward(&model, val_loader.inputs, val_loader.targets, B, T);
                 vl += model.mean_loss;
-                if (i == 0) gpt_gains(&model, B * T, gains, gains + K, gains + 2 * K, gains + 3 * K);
+                if (i == 0) gpt_diagnostics(&model, B * T, &diag);
             }
             multi_sum(&vl, 1);
             vl /= val_max;
             printf("val loss %f\n", vl);
             if (logf) {
                 fprintf(logf, "s:%d tel:%f\n", step, vl);
-                for (int k = 0; k < K; k++)
-                    fprintf(logf, "s:%d gain k:%d fwd:%.6f bwd:%.6f cfwd:%.6f cbwd:%.6f\n", step, k,
-                            gains[k], gains[K + k], gains[2 * K + k], gains[3 * K + k]);
+                log_diagnostics(logf, step, &diag);
                 fflush(logf);
             }
         }
@@ -374,7 +397,7 @@ int main(int argc, char **argv) {
     if (timed_steps > 0) printf("average step %.1f ms, %.0f tok/s\n", total_time / timed_steps * 1000, total_batch * timed_steps / total_time);
     gpt_print_report(&model, timed_steps, total_time * 1000);
     if (logf) fclose(logf);
-    free(gains);
+    diagnostics_free(&diag);
     dataloader_free(&train_loader);
     if (val_every > 0) dataloader_free(&val_loader);
     tokenizer_free(&tokenizer);
