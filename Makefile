@@ -104,17 +104,18 @@ bench-cpu: train_gpt_hc data
 	$(PYTHON) dev/bench_cpu.py
 
 # the loss-gap reproduction of docs/RESULTS.md, on a GPU machine with data/large prepared (make
-# data-large here, carry it over): residual, shc, dhc, mhc (n=4) from identical base weights, 2
-# seeds, one epoch of d12, the learning rate tuned on residual; then the stability runs (d24 at
-# lr 3e-3). A cut-off sweep continues where it stopped. Plots need matplotlib (PLOT_PYTHON).
+# data-large here, carry it over): the stability runs (d24 at lr 3e-3, 500 steps), then residual,
+# shc, dhc, mhc (n=4) from identical base weights, SEEDS, one epoch of d12, the learning rate
+# tuned on residual. A cut-off sweep continues where it stopped. Plots need matplotlib.
 LOSSGAP ?= out/loss_gap
+SEEDS ?= 1 2 3
 PLOT_PYTHON ?= /usr/bin/python3
 LARGE = -i 'data/large/large_train_*.bin' -j 'data/large/large_val_*.bin'
 loss-gap:
-	$(PYTHON) scripts/sweep.py --trainer ./train_gpt_hcu --out $(LOSSGAP)/d12 --seeds 1 2 --tune-lr 3e-4 6e-4 1.2e-3 2.4e-3 --clean \
-		-- -e d12 $(LARGE) -b 16 -t 1024 -u 100 -q 0.1 -v 100 -m 20 -s 0
 	$(PYTHON) scripts/sweep.py --trainer ./train_gpt_hcu --out $(LOSSGAP)/stability --seeds 1 --lr 3e-3 --clean \
 		-- -e d24 $(LARGE) -b 16 -t 1024 -x 500 -u 50 -v 25 -m 5 -s 0
+	$(PYTHON) scripts/sweep.py --trainer ./train_gpt_hcu --out $(LOSSGAP)/d12 --seeds $(SEEDS) --tune-lr 3e-4 6e-4 1.2e-3 2.4e-3 --clean \
+		-- -e d12 $(LARGE) -b 16 -t 1024 -u 100 -q 0.1 -v 100 -m 20 -s 0
 loss-gap-plots:
 	$(PLOT_PYTHON) scripts/plot_hc.py $(LOSSGAP)/d12 --title "d12, 1 epoch of data/large"
 	$(PLOT_PYTHON) scripts/plot_hc.py $(LOSSGAP)/stability --title "d24, lr 3e-3"

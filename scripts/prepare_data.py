@@ -6,7 +6,9 @@ Prepare token shards (llm.c's format, docs/FORMATS.md) for one corpus tier of ..
     python3 scripts/prepare_data.py large   # ~21 M: small + bibles, Spurgeon, dictionaries, ...
 
 Writes data/<tier>/<tier>_{train,val}_NNNNNN.bin and data/gpt2_tokenizer.bin. Every document is
-preceded by <|endoftext|>; every 10th document goes to val. Sources are fetched by pinned
+preceded by <|endoftext|>; every 10th document goes to val; both splits are shuffled by document
+with a fixed seed (the sources come one after another, and a loader that reads the shards in
+order must not meet them so: the loss would follow the source). Sources are fetched by pinned
 version (npm pack / apt-get download, no install and no root) into data/cache. A tier whose
 manifest matches is skipped. Small and large need Debian's apt-get (run 'apt-get update' once).
 """
@@ -28,7 +30,20 @@ from fetch import REPO, FetchError, atomic_write, deb_extract, die, npm_members 
 import tokenizer as tk  # noqa: E402
 
 SHARD_MAGIC, SHARD_VERSION = 20240520, 1
-DATA_VERSION = 1   # bump when the selection or cleaning of any tier changes
+DATA_VERSION = 2   # bump when the selection, cleaning or order of any tier changes
+SHUFFLE_SEED = 20241124
+
+
+def split_order(ndocs):
+    """document indices of (train, val): every 10th document in val, each split in a fixed
+    pseudo-random order"""
+    import random
+    rng = random.Random(SHUFFLE_SEED)
+    train = [i for i in range(ndocs) if i % 10 != 5]
+    val = list(range(5, ndocs, 10))
+    rng.shuffle(train)
+    rng.shuffle(val)
+    return train, val
 
 # ----------------------------------------------------------------------------------------------
 # sources: each returns a list of documents (str)
@@ -326,8 +341,9 @@ def main():
     with Pool(args.workers, initializer=_init_worker) as pool:
         enc = pool.map(_encode_doc, docs, chunksize=max(1, len(docs) // (args.workers * 16)))
     split = {"train": [], "val": []}
-    for i, ids in enumerate(enc):
-        split["val" if i % 10 == 5 else "train"].extend(ids)
+    for name, order in zip(("train", "val"), split_order(len(enc))):
+        for i in order:
+            split[name].extend(enc[i])
     os.makedirs(outdir, exist_ok=True)
     files = []
     for s in ("val", "train"):

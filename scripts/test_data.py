@@ -94,8 +94,12 @@ def test_shards(tok, tier, docs):
         t = struct.unpack_from(f"<{h[2]}H", data, 1024)
         assert max(t) < 50257, f"{f}: token id {max(t)} >= vocab"
         toks["train" if "_train_" in f else "val"].extend(t)
-    # the shards hold exactly the documents, each after <|endoftext|>, every 10th in val
-    for split, want_docs in (("val", docs[5::10]), ("train", [x for i, x in enumerate(docs) if i % 10 != 5])):
+    # the shards hold exactly the documents, each after <|endoftext|>, every 10th in val, each
+    # split in the fixed shuffled order
+    train, val = prepare_data.split_order(len(docs))
+    assert sorted(train + val) == list(range(len(docs))) and all(i % 10 == 5 for i in val)
+    assert train != sorted(train), "train documents not shuffled"
+    for split, want_docs in (("val", [docs[i] for i in val]), ("train", [docs[i] for i in train])):
         text = tok.decode_bytes(toks[split]).decode("utf-8")
         assert text == "".join("<|endoftext|>" + x for x in want_docs), f"{split} text differs from source"
 
