@@ -1,6 +1,6 @@
 # gpt_hc: GPT-2 with Hyper-Connections (residual | shc | dhc | mhc), llm.c style.
 #   make train      prepare the tiny data if missing, train a small model on the CPU
-#   make test       tokenizer/data tests + CPU trainer tests against the PyTorch dumps
+#   make test       tokenizer/data tests + CPU trainer tests against the PyTorch dumps + sweep/plot tests
 #   make            build the CPU trainer and its test
 #   make cuda-build build the CUDA trainer (PRECISION=BF16 default, or FP32) and its tests
 #   make test-cuda  on a GPU machine: CUDA tests in FP32 and BF16, CPU vs CUDA, CLI tests
@@ -12,7 +12,7 @@ LDLIBS = -lm
 PYTHON ?= python3
 SHELL := /bin/bash
 
-.PHONY: all train test test-data test-c test-asan cuda-build test-cuda test-multigpu bench-cuda data data-small data-large ref bench-cpu loss-gap loss-gap-plots clean
+.PHONY: all train test test-data test-c test-sweep test-asan cuda-build test-cuda test-multigpu bench-cuda data data-small data-large ref bench-cpu loss-gap loss-gap-plots clean
 
 all: train_gpt_hc test_gpt_hc
 
@@ -85,10 +85,14 @@ STEPS ?= 300
 train: train_gpt_hc data
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} ./train_gpt_hc -e d4 -H $(MODE) -b 4 -t 64 -l 1e-3 -u 20 -q 0.1 -x $(STEPS) -v 50 -s 100 -o log_$(MODE)
 
-test: test-data test-c
+test: test-data test-c test-sweep
 
 test-data: data
 	$(PYTHON) scripts/test_data.py
+
+# the loss-gap sweep and plot scripts on the CPU trainer (plots need matplotlib in PLOT_PYTHON)
+test-sweep: train_gpt_hc data
+	$(PYTHON) scripts/test_sweep.py --plot-python $(PLOT_PYTHON)
 
 test-c: train_gpt_hc test_gpt_hc
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} ./test_gpt_hc

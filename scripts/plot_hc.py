@@ -171,7 +171,7 @@ def plot_loss_gap(runs, base, out, window, title):
     ax.axhline(0.0, color=COLORS.get(base, "k"), lw=1, ls="--", label=f"{base} (baseline)")
     ax.set_xlabel("step")
     ax.set_ylabel(f"train loss - {base} train loss")
-    ax.set_title(f"Absolute training-loss gap to {base}" + (f" ({title})" if title else "") + f", smoothed over {window} steps")
+    ax.set_title(f"Train-loss gap to {base}, smoothed over {window} steps" + (f"\n{title}" if title else ""), fontsize=10)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -285,7 +285,8 @@ def plot_mappings(runs, out, title):
         mat = lambda v: np.array(v).reshape(n, n)
         for ax, k in zip(row[:3], [0, K // 2, K - 1]):
             heat(ax, mat(maps[k]["res"]), f"{lab}: H_res, sublayer {k}", vmax=1.0)
-        heat(row[3], mat(maps[K - 1]["comp"]), f"{lab}: composite to sublayer {K - 1}", vmax=1.0)
+        comp = mat(maps[K - 1]["comp"])
+        heat(row[3], comp, f"{lab}: composite to sublayer {K - 1}", vmax=max(1.0, float(np.abs(comp).max())))
         pre = np.array([maps[k]["pre"] for k in range(K)])
         post = np.array([maps[k]["post"] for k in range(K)])
         im = heat(row[4], pre, f"{lab}: H_pre (rows: sublayers)", annotate=False)
@@ -317,7 +318,8 @@ def plot_connections(runs, out, title):
         S = len(conn)
         M = np.array([conn[k]["w"] for k in range(S)])
         M[np.triu_indices(S, 1)] = np.nan   # no sublayer reads a later output
-        v = float(np.nanmax(np.abs(M)))
+        # colours scaled to the sublayer inputs: the last row (h, a sum over n streams) may saturate
+        v = float(np.nanmax(np.abs(M[:-1]))) if S > 1 else 1.0
         im = ax.imshow(M, cmap="RdBu_r", vmin=-v, vmax=v, interpolation="nearest")
         ax.set_title(f"{lab} (seed {r['seed']})", fontsize=10)
         ax.set_xlabel("source: 0 = embedding, j+1 = output of sublayer j")
@@ -325,7 +327,8 @@ def plot_connections(runs, out, title):
         fig.colorbar(im, ax=ax, fraction=0.046)
     for ax in list(axes.flat)[len(labs):]:
         ax.axis("off")
-    fig.suptitle("Unfolded connections: weight of each earlier output in each sublayer's input" + (f" ({title})" if title else ""))
+    fig.suptitle("Unfolded connections: weight of each earlier output in each sublayer's input; last row: h "
+                 "(colours scaled to the sublayer rows)" + (f" ({title})" if title else ""))
     fig.tight_layout()
     fig.savefig(os.path.join(out, "connections.png"), dpi=110)
     plt.close(fig)
