@@ -2896,17 +2896,15 @@ void gpt_update(GPTHC *model, float lr, float beta1, float beta2, float eps, flo
 // diagnostics (SPEC.md section 4) of the last forward's first BT tokens (llmc/model_common.h)
 void gpt_diagnostics(GPTHC *model, int BT, Diagnostics *d) {
     const GPTHCConfig *c = &model->config;
-    if (c->mode == MODE_RESIDUAL) { compute_diagnostics(d, NULL, NULL, NULL, BT, BT); return; }
-    // the coefficients are (K, B*T, ...) for the B*T of the last forward; the first BT tokens of each k
-    size_t K = 2 * c->num_layers, n = c->n, ld = (size_t)model->last_B * model->last_T;
-    if ((size_t)BT > ld) die("internal: diagnostics of %d tokens after a forward of %zu", BT, ld);
-    model->host_res = (float *)realloc(model->host_res, K * BT * (n * n + 2 * n) * sizeof(float));
+    size_t K = 2 * c->num_layers, n = c->n, ld = (size_t)model->last_B * model->last_T;   // (K, last B*T, ...)
+    if (c->mode == MODE_RESIDUAL) { compute_diagnostics(d, NULL, NULL, NULL, BT, ld); return; }
+    model->host_res = (float *)realloc(model->host_res, K * ld * (n * n + 2 * n) * sizeof(float));
     if (!model->host_res) die("out of host memory");
-    float *pre = model->host_res, *post = pre + K * BT * n, *res = post + K * BT * n;
-    cudaCheck(cudaMemcpy2D(pre, BT * n * sizeof(float), model->acts.pre, ld * n * sizeof(float), BT * n * sizeof(float), K, cudaMemcpyDeviceToHost));
-    cudaCheck(cudaMemcpy2D(post, BT * n * sizeof(float), model->acts.post, ld * n * sizeof(float), BT * n * sizeof(float), K, cudaMemcpyDeviceToHost));
-    cudaCheck(cudaMemcpy2D(res, BT * n * n * sizeof(float), model->acts.res, ld * n * n * sizeof(float), BT * n * n * sizeof(float), K, cudaMemcpyDeviceToHost));
-    compute_diagnostics(d, pre, post, res, BT, BT);
+    float *pre = model->host_res, *post = pre + K * ld * n, *res = post + K * ld * n;
+    cudaCheck(cudaMemcpy(pre, model->acts.pre, K * ld * n * sizeof(float), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(post, model->acts.post, K * ld * n * sizeof(float), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(res, model->acts.res, K * ld * n * n * sizeof(float), cudaMemcpyDeviceToHost));
+    compute_diagnostics(d, pre, post, res, BT, ld);
 }
 
 // n floatX values from the device as host floats (caller frees)

@@ -41,6 +41,7 @@ static int sample_mult(const float *probs, int n, float coin) {
 // state by M_k = res (H'_i = sum_j M[i][j] H_j), reads u = sum_i pre[i] H_i, adds post[i] y.
 typedef struct {
     int K, n;
+    size_t count;                      // doubles in the one allocation below
     double *fwd, *bwd, *cfwd, *cbwd;   // (K) gains of M_k and of the composite M_k ... M_0
     double *pre, *post;                // (K, n) H_pre, H_post (shc/dhc: a, b)
     double *res, *comp;                // (K, n, n) M_k and M_k ... M_0
@@ -52,7 +53,8 @@ static void diagnostics_alloc(Diagnostics *d, const GPTHCConfig *c) {
     d->K = 2 * c->num_layers;
     d->n = c->n;
     size_t K = d->K, n = d->n;
-    d->fwd = (double *)mallocCheck((4 * K + 2 * K * n + 2 * K * n * n + (K + 1) * (K + 1)) * sizeof(double));
+    d->count = 4 * K + 2 * K * n + 2 * K * n * n + (K + 1) * (K + 1);
+    d->fwd = (double *)mallocCheck(d->count * sizeof(double));
     d->bwd = d->fwd + K; d->cfwd = d->bwd + K; d->cbwd = d->cfwd + K;
     d->pre = d->cbwd + K; d->post = d->pre + K * n;
     d->res = d->post + K * n; d->comp = d->res + K * n * n;
@@ -65,7 +67,8 @@ static void diagnostics_free(Diagnostics *d) { free(d->fwd); }
 // residual mode (all 1)
 static void compute_diagnostics(Diagnostics *d, const float *pre, const float *post, const float *res, int BT, size_t ld) {
     int n = d->n, K = d->K, S = K + 1;
-    memset(d->fwd, 0, (4 * (size_t)K + 2 * (size_t)K * n + 2 * (size_t)K * n * n + (size_t)S * S) * sizeof(double));
+    if ((size_t)BT > ld) die("internal: diagnostics of %d tokens out of %zu", BT, ld);
+    memset(d->fwd, 0, d->count * sizeof(double));
     if (res == NULL) {   // residual: M = [1], u_k = x0 + y_0 + ... + y_{k-1}
         for (int k = 0; k < K; k++) d->fwd[k] = d->bwd[k] = d->cfwd[k] = d->cbwd[k] = d->pre[k] = d->post[k] = d->res[k] = d->comp[k] = 1.0;
         for (int k = 0; k <= K; k++)

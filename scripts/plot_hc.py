@@ -28,6 +28,9 @@ import os
 import re
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fetch import die  # noqa: E402
+
 try:
     import matplotlib
     matplotlib.use("Agg")
@@ -40,11 +43,6 @@ except ImportError:
 
 MODE_ORDER = ["residual", "shc", "dhc", "mhc"]
 COLORS = {"residual": "tab:gray", "shc": "tab:blue", "dhc": "tab:orange", "mhc": "tab:green"}
-
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
 
 
 def values(s):
@@ -86,7 +84,7 @@ def load_runs(folders):
         if os.path.exists(summary):
             with open(summary) as f:
                 s = json.load(f)
-            recs = [r for r in s["runs"] if abs(r["lr"] - s["lr"]) < 1e-12 * max(1.0, s["lr"])]
+            recs = [r for r in s["runs"] if r["lr"] == s["lr"]]   # the tuning runs at other rates are left out
             dirs = [(os.path.join(folder, r["name"]), r) for r in recs]
         else:   # run folders given directly, or a folder of them
             cands = [folder] if os.path.exists(os.path.join(folder, "main.log")) else \

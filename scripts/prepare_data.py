@@ -17,6 +17,7 @@ import gzip
 import html
 import json
 import os
+import random
 import re
 import struct
 import subprocess
@@ -37,7 +38,6 @@ SHUFFLE_SEED = 20241124
 def split_order(ndocs):
     """document indices of (train, val): every 10th document in val, each split in a fixed
     pseudo-random order"""
-    import random
     rng = random.Random(SHUFFLE_SEED)
     train = [i for i in range(ndocs) if i % 10 != 5]
     val = list(range(5, ndocs, 10))

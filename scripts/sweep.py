@@ -24,10 +24,8 @@ import subprocess
 import sys
 import time
 
-
-def die(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fetch import die  # noqa: E402
 
 
 def run_name(mode, n, seed, lr):
@@ -89,12 +87,12 @@ def train(args, extra, mode, seed, lr):
                val_step=val[0], val_loss=val[1], ms_per_step=avg[0] if avg else None,
                tok_per_s=avg[1] if avg else None, peak_mib=peak, wall_s=round(time.time() - t0, 1),
                command=cmd)
-    if args.clean:   # checkpoints are only needed to resume; run.json marks the run finished
-        for f in glob.glob(os.path.join(d, "model_*.bin")) + glob.glob(os.path.join(d, "state_*.bin")):
-            os.remove(f)
     with open(rec_path + ".tmp", "w") as f:
         json.dump(rec, f, indent=1)
     os.replace(rec_path + ".tmp", rec_path)
+    if args.clean:   # checkpoints are only needed to resume; run.json (written first) marks the run finished
+        for f in glob.glob(os.path.join(d, "model_*.bin")) + glob.glob(os.path.join(d, "state_*.bin")):
+            os.remove(f)
     print(f"[{name}] val loss {val[1]:.4f} at step {val[0]}, "
           f"{rec['tok_per_s'] or 0:,} tok/s, {rec['wall_s']} s", flush=True)
     return rec

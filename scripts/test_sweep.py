@@ -99,9 +99,9 @@ def main():
         rconn = parse(os.path.join(out, f"residual_n1_s1_lr{lr}", "main.log"), "conn")
         check("residual: connection matrix is all ones on and below the diagonal",
               all(rconn[k]["w"][m] == (1.0 if m <= k else 0.0) for k in rconn for m in range(5)))
-        mconn = parse(os.path.join(out, f"mhc_n4_s1_lr{lr}", "main.log"), "gain")
+        mgain = parse(os.path.join(out, f"mhc_n4_s1_lr{lr}", "main.log"), "gain")
         check("mhc: composite forward gain is 1 (Hres rows sum to 1)",
-              all(abs(mconn[k]["cfwd"][0] - 1) < 1e-4 for k in mconn), str([mconn[k]["cfwd"][0] for k in mconn]))
+              all(abs(mgain[k]["cfwd"][0] - 1) < 1e-4 for k in mgain), str([mgain[k]["cfwd"][0] for k in mgain]))
 
         # bad input: one line on stderr, non-zero exit
         for what, c in [("trainer flag owned by the sweep", [py, "scripts/sweep.py", "--out", out, "--", "-H", "shc"]),
