@@ -414,7 +414,8 @@ static void test_cli(void) {
         {"non-numeric lr", "-l abc", "wants a number"}, {"unknown flag", "-Q 1", "unknown flag"},
         {"missing value", "-x", "needs a value"}, {"total batch not a multiple", "-d 100", "not a multiple"},
         {"T > max_seq_len", "-b 1 -t 2048", "max_seq_len"}, {"depth out of range", "-e d99", "out of range 1..72"},
-        {"-pz out of range", "-pz 2", "out of range"},
+        {"-pz out of range", "-pz 2", "out of range"}, {"-r 0", "-H mhc -r 0", "out of range"},
+        {"-r not a number", "-H mhc -r often", "wants an integer"},
         // several processes: the CPU trainer is one; the CUDA trainer checks the launch flags
         {"-pn 2 on the CPU trainer", "-pn 2", "needs the CUDA trainer"},
         {"-pr without -pi", "-pn 2 -pr 1", "give -pi"},

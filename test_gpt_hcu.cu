@@ -8,7 +8,9 @@ Tests of the CUDA trainer on a GPU (make test-cuda builds and runs them in FP32 
     ./train_gpt_hc and this build agree (FP32: 1e-3 relative; BF16: 2e-2);
  3. (BF16) the fused attention kernels and the cuBLAS attention path against a float64 CPU
     attention, forward and backward, at T = 200 (partial tiles) and T = 256; the tensor-core
-    mHC products against the cuBLAS path (GEMMs + rms kernels) at ragged token counts.
+    mHC products (x @ phi, the one-pass dH/dphi kernel) against the cuBLAS path at ragged token
+    counts; one model through the fused and the plain HC kernels (dhc n = 2..8, mhc);
+ 4. recomputation (-r) and the Sinkhorn sums' storage: bit-identical to the plain path.
 Prints 'N passed, N failed' last.
 */
 #define TESTING
@@ -293,10 +295,21 @@ static void test_mhc_proj(int BT, int C) {
     cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_T, CUBLAS_OP_N, nC, BT, m, &one, phi, CUBLAS_X, m, dp, CUBLAS_X, m, &one, dH0, CUBLAS_X, nC,
                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     mhc_rms_backward_kernel<<<dim3(BT, ceil_div(nC / X128, 128)), 128>>>(dH0, H, kx, nC);
-    mhc_proj_forward_kernel<N><<<ceil_div(BT, 64), 128>>>(p1, r1, H, phi, BT, nC);
+    mhc_proj_forward_kernel<N><<<ceil_div(BT, 64), 128>>>(p1, r1, NULL, H, phi, BT, nC, C);
     hc_premix_backward_kernel<N><<<ceil_div(BT, 4), 128>>>(NULL, dpre1, du, H, pre, BT, C);
-    mhc_proj_backward_kernel<N><<<dim3(ceil_div(BT, 64), nC / 64), 128>>>(dH1, H, dp, kx, phi, du, pre, BT, C);
+    float *dphi0 = dalloc<float>((size_t)nC * m), *dphi1 = dalloc<float>((size_t)nC * m);
+    cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_T, m, nC, BT, &one, dp, CUBLAS_X, m, H, CUBLAS_X, nC, &zero, dphi0,
+                             CUDA_R_32F, m, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    cudaCheck(cudaMemset(dphi1, 0, (size_t)nC * m * sizeof(float)));
+    mhc_dh<false>(N, dH1, dphi1, 1, H, dp, kx, NULL, phi, du, pre, BT, C);
     kernelCheck();
+    double e5, m5;
+    {
+        float *ga = to_host_f(dphi0, (size_t)nC * m), *gb = to_host_f(dphi1, (size_t)nC * m);
+        diff_stats(gb, ga, (size_t)nC * m, &e5, &m5);
+        free(ga); free(gb);
+    }
+    cudaFree(dphi0); cudaFree(dphi1);
     float *a = to_host_f(p0, (size_t)BT * m), *b = to_host_f(p1, (size_t)BT * m), *ra = to_host_f(r0, BT), *rb = to_host_f(r1, BT);
     float *da = floatx_to_host(dH0, nh), *db = floatx_to_host(dH1, nh);
     float *pa = to_host_f(dpre0, (size_t)BT * N), *pb = to_host_f(dpre1, (size_t)BT * N);
@@ -305,14 +318,129 @@ static void test_mhc_proj(int BT, int C) {
     diff_stats(rb, ra, BT, &e2, &m2);
     diff_stats(db, da, nh, &e3, &m3);
     diff_stats(pb, pa, (size_t)BT * N, &e4, &m4);
-    report(e1 / m1 < 1e-3 && e2 / m2 < 1e-4 && e3 / m3 < 1e-2 && e4 / m4 < 1e-5,
-           "mhc tensor-core products n=%d BT=%d nC=%d vs cuBLAS path: p %.1e, rms %.1e, dH %.1e, dpre %.1e (max abs err / max)", N, BT, nC,
-           e1 / m1, e2 / m2, e3 / m3, e4 / m4);
+    report(e1 / m1 < 1e-3 && e2 / m2 < 1e-4 && e3 / m3 < 1e-2 && e4 / m4 < 1e-5 && e5 / m5 < 1e-4,
+           "mhc tensor-core products n=%d BT=%d nC=%d vs cuBLAS path: p %.1e, rms %.1e, dH %.1e, dpre %.1e, dphi %.1e (max abs err / max)",
+           N, BT, nC, e1 / m1, e2 / m2, e3 / m3, e4 / m4, e5 / m5);
     free(a); free(b); free(ra); free(rb); free(da); free(db); free(h); free(xb); free(pa); free(pb);
     cudaFree(du); cudaFree(pre); cudaFree(dpre0); cudaFree(dpre1);
     cudaFree(H); cudaFree(dH0); cudaFree(dH1); cudaFree(phi); cudaFree(dp); cudaFree(p0); cudaFree(p1); cudaFree(r0); cudaFree(r1); cudaFree(kx);
 }
 #endif
+
+#if !defined(ENABLE_FP32)
+// one model, two paths: the tensor-core HC kernels (g_hc_fused = 1, the BF16 default for even n and
+// C % 64 == 0) against the plain kernels, after 3 AdamW steps (lr 1e-2) so every HC parameter has
+// moved and has a gradient; a ragged token count (partial 64-token tiles). Loss, coefficients and
+// every gradient tensor are compared (max abs err / max |plain|)
+static void test_fused_paths(int mode, int n, int C, int B, int T) {
+    GPTHCConfig cfg = {T, 500, 512, 2, C / 64, C, mode, n, 20};
+    GPTHC model;
+    gpt_build_fresh(&model, &cfg, 7 + n);
+    int BT = B * T, K = 4;
+    int *inp = (int *)mallocCheck(BT * sizeof(int)), *tgt = (int *)mallocCheck(BT * sizeof(int));
+    uint64_t rng = 42 + n;
+    for (int i = 0; i < BT; i++) { inp[i] = rng_next(&rng) % 500; tgt[i] = rng_next(&rng) % 500; }
+    for (int t = 1; t <= 3; t++) {
+        gpt_forward(&model, inp, tgt, B, T);
+        gpt_zero_grad(&model);
+        gpt_backward(&model, 1.0f, 1);
+        gpt_update(&model, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.0f, 1.0f, t);
+    }
+    float loss[2], *grads[2], *coef[2];
+    size_t nco = (size_t)K * BT * (2 * n + n * n), P = model.num_parameters;
+    for (int f = 0; f < 2; f++) {
+        g_hc_fused = 1 - f;
+        gpt_forward(&model, inp, tgt, B, T);
+        gpt_zero_grad(&model);
+        gpt_backward(&model, 1.0f, 1);
+        loss[f] = model.mean_loss;
+        grads[f] = to_host_f(model.grads_memory, P);
+        coef[f] = (float *)mallocCheck(nco * sizeof(float));
+        cudaCheck(cudaMemcpy(coef[f], model.acts.pre, (size_t)K * BT * n * sizeof(float), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(coef[f] + (size_t)K * BT * n, model.acts.post, (size_t)K * BT * n * sizeof(float), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(coef[f] + (size_t)2 * K * BT * n, model.acts.res, (size_t)K * BT * n * n * sizeof(float), cudaMemcpyDeviceToHost));
+    }
+    g_hc_fused = 1;
+    double ma, mr, worst = 0.0, ce, cm;
+    const char *wname = "";
+    size_t off = 0;
+    for (int ti = 0; ti < NUM_PARAMETER_TENSORS; ti++) {
+        size_t sz = model.param_sizes[ti];
+        if (sz == 0) continue;
+        diff_stats(grads[0] + off, grads[1] + off, sz, &ma, &mr);
+        double rel = mr > 0 ? ma / mr : 1.0;   // a gradient that vanished would hide a broken path
+        if (rel >= worst) { worst = rel; wname = PARAM_NAMES[ti]; }
+        off += sz;
+    }
+    diff_stats(coef[0], coef[1], nco, &ce, &cm);
+    // the fused path rounds g_q = lnw o W_q and dp to bf16 where the plain one keeps fp32
+    report(worst < 2e-2 && ce < 2e-3 && fabs(loss[0] - loss[1]) < 1e-3,
+           "fused vs plain HC kernels, %s n=%d C=%d BT=%d: loss %.6f vs %.6f, coefficients max abs err %.1e, worst gradient %s rel %.1e",
+           MODE_NAMES[mode], n, C, BT, loss[0], loss[1], ce, wname, worst);
+    for (int f = 0; f < 2; f++) { free(grads[f]); free(coef[f]); }
+    free(inp); free(tgt);
+    gpt_free(&model);
+}
+#endif
+
+// recomputation (-r): the same fresh model trained 3 AdamW steps with every stream state kept and with
+// blocks of Lr sublayers (inner states recomputed in the backward) must give bit-identical losses,
+// parameters and gradients; the activation memory shrinks
+static void test_recompute(int mode, int n, int Lr) {
+    GPTHCConfig cfg = {128, 500, 512, 3, 2, 128, mode, n, 20};
+    GPTHC m[2];
+    int B = 2, T = 100, BT = B * T;
+    int *inp = (int *)mallocCheck(BT * sizeof(int)), *tgt = (int *)mallocCheck(BT * sizeof(int));
+    float loss[2][3];
+    for (int r = 0; r < 2; r++) {
+        gpt_build_fresh(&m[r], &cfg, 11);
+        gpt_set_recompute(&m[r], r == 0 ? 1 : Lr);
+        uint64_t rng = 99;
+        for (int t = 1; t <= 3; t++) {
+            for (int i = 0; i < BT; i++) { inp[i] = rng_next(&rng) % 500; tgt[i] = rng_next(&rng) % 500; }
+            gpt_forward(&m[r], inp, tgt, B, T);
+            gpt_zero_grad(&m[r]);
+            gpt_backward(&m[r], 1.0f, 1);
+            loss[r][t - 1] = m[r].mean_loss;
+            if (t < 3) gpt_update(&m[r], 1e-2f, 0.9f, 0.95f, 1e-8f, 0.0f, 1.0f, t);
+        }
+    }
+    size_t P = m[0].num_parameters;
+    float *g0 = to_host_f(m[0].grads_memory, P), *g1 = to_host_f(m[1].grads_memory, P);
+    float *p0 = to_host_f(m[0].params_memory, P), *p1 = to_host_f(m[1].params_memory, P);
+    int same = memcmp(loss[0], loss[1], sizeof(loss[0])) == 0 && memcmp(g0, g1, P * sizeof(float)) == 0 && memcmp(p0, p1, P * sizeof(float)) == 0;
+    size_t h0 = m[0].act_sizes_x[0] * sizeof(floatX), h1 = m[1].act_sizes_x[0] * sizeof(floatX);
+    report(same && h1 < h0, "recompute %s n=%d d3 (K=6) Lr=%d: losses, gradients, parameters bit-identical to Lr=1 (%s); stream states %zu -> %zu KiB",
+           MODE_NAMES[mode], n, gpt_recompute(&m[1]), same ? "yes" : "NO", h0 / 1024, h1 / 1024);
+    free(g0); free(g1); free(p0); free(p1); free(inp); free(tgt);
+    gpt_free(&m[0]);
+    gpt_free(&m[1]);
+}
+
+// the mHC backward keeps the Sinkhorn line sums in shared memory when they fit, else in global
+// memory (many iterations): the two give bit-identical gradients
+static void test_sinkhorn_storage(void) {
+    GPTHCConfig cfg = {128, 500, 512, 2, 2, 128, MODE_MHC, 4, 20};
+    GPTHC model;
+    gpt_build_fresh(&model, &cfg, 5);
+    int B = 2, T = 100, BT = B * T;
+    int *inp = (int *)mallocCheck(BT * sizeof(int)), *tgt = (int *)mallocCheck(BT * sizeof(int));
+    uint64_t rng = 3;
+    for (int i = 0; i < BT; i++) { inp[i] = rng_next(&rng) % 500; tgt[i] = rng_next(&rng) % 500; }
+    float *g[2];
+    for (int f = 0; f < 2; f++) {
+        g_sk_smem = 1 - f;
+        gpt_forward(&model, inp, tgt, B, T);
+        gpt_zero_grad(&model);
+        gpt_backward(&model, 1.0f, 1);
+        g[f] = to_host_f(model.grads_memory, model.num_parameters);
+    }
+    g_sk_smem = 1;
+    int same = memcmp(g[0], g[1], model.num_parameters * sizeof(float)) == 0;
+    report(same, "mhc Sinkhorn backward: line sums on chip vs in global memory give bit-identical gradients (%s)", same ? "yes" : "NO");
+    free(g[0]); free(g[1]); free(inp); free(tgt);
+    gpt_free(&model);
+}
 
 int main(int argc, char **argv) {
     g_test_tag = "[" PRECISION_NAME "] ";
@@ -324,11 +452,21 @@ int main(int argc, char **argv) {
     gpt_init_device();
     test_attention(2, 200, 3);
     test_attention(1, 256, 2);
-    test_mhc_proj<4>(1000, 768);
+    test_mhc_proj<4>(3000, 768);   // > 16 token tiles: several per block in the dH pass, a ragged last group
     test_mhc_proj<2>(1000, 768);
     test_mhc_proj<8>(200, 256);
+    test_mhc_proj<8>(1500, 256);
     test_mhc_proj<6>(130, 64);
+    for (int n = 2; n <= 8; n += 2) test_fused_paths(MODE_DHC, n, 128, 1, 200);
+    test_fused_paths(MODE_DHC, 4, 256, 2, 100);
+    test_fused_paths(MODE_DHC, 4, 128, 2, 600);   // BT = 1200: several token tiles per block
+    test_fused_paths(MODE_MHC, 4, 128, 1, 200);
 #endif
+    test_sinkhorn_storage();
+    test_recompute(MODE_SHC, 4, 0);   // auto: sqrt(4 * 6 / 6) = 2
+    test_recompute(MODE_DHC, 4, 4);   // a partial last block (K = 6)
+    test_recompute(MODE_MHC, 4, 4);
+    test_recompute(MODE_MHC, 2, 3);
     if (!(argc > 1 && strcmp(argv[1], "--ref-only") == 0)) test_cpu_vs_cuda();
     return tests_summary();
 }

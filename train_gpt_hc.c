@@ -1120,6 +1120,10 @@ void gpt_host_state(GPTHC *model, const float **params, const float **m, const f
     *v = model->v_memory;
 }
 
+// recomputation (-r) is the CUDA trainer's memory saving; this trainer keeps every state (same results)
+void gpt_set_recompute(GPTHC *model, int Lr) { (void)model; (void)Lr; }
+int gpt_recompute(const GPTHC *model) { (void)model; return 1; }
+
 void gpt_set_moments(GPTHC *model, const float *m, const float *v) {
     if (model->m_memory == NULL) {
         model->m_memory = (float *)mallocCheck(model->num_parameters * sizeof(float));

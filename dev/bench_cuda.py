@@ -19,11 +19,22 @@ import subprocess
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(args, depth, mode, n, profile=False, gpus=1):
+def parse_entry(entry):
+    """mode[:n[:r<Lr>]] -> (mode, n, Lr or None, label); r<Lr> is the recomputation flag (-r), e.g. rauto"""
+    parts = entry.split(":")
+    mode, n = parts[0], int(parts[1]) if len(parts) > 1 and parts[1] else 4
+    rc = parts[2][1:] if len(parts) > 2 and parts[2].startswith("r") else None
+    label = mode if mode == "residual" else f"{mode} n={n}" + (f" r={rc}" if rc else "")
+    return mode, n, rc, label
+
+
+def run(args, depth, mode, n, profile=False, gpus=1, rc=None):
     cmd = [args.trainer, "-e", f"d{depth}", "-H", mode, "-b", str(args.B), "-t", str(args.T),
            "-x", str(args.steps), "-v", "0", "-s", "0", "-i", args.train, "-j", args.val]
     if mode != "residual":
         cmd += ["-E", str(n)]
+    if rc:
+        cmd += ["-r", rc]
     if gpus > 1:
         cmd += ["-pn", str(gpus), "-d", str(gpus * args.B * args.T)] + args.multi_flags.split()
     env = dict(os.environ, GPT_HC_PROFILE="1" if profile else "0")
@@ -44,7 +55,7 @@ def main():
     ap.add_argument("-T", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--modes", nargs="+", default=["residual", "shc:4", "dhc:4", "mhc:4"],
-                    help="mode[:n] entries, e.g. mhc:2 mhc:8")
+                    help="mode[:n[:r<Lr>]] entries, e.g. mhc:2 mhc:8 mhc:4:rauto (with recomputation, -r auto)")
     ap.add_argument("--train", default="data/tiny/tiny_train_*.bin")
     ap.add_argument("--val", default="data/tiny/tiny_val_*.bin")
     ap.add_argument("--profile", action="store_true", help="also print the time split per mode")
@@ -56,21 +67,19 @@ def main():
     splits = []
     for depth in args.depth:
         print(f"d{depth} B={args.B} T={args.T} steps={args.steps} trainer={args.trainer}")
-        print(f"{'mode':10s} {'ms/step':>9s} {'tok/s':>9s} {'vs residual':>12s} {'peak MiB':>9s}")
+        print(f"{'mode':16s} {'ms/step':>9s} {'tok/s':>9s} {'vs residual':>12s} {'peak MiB':>9s}")
         base = None
         for entry in args.modes:   # ratios are to the first entry (residual by default)
-            mode, _, n = entry.partition(":")
-            n = int(n or 4)
-            label = mode if mode == "residual" else f"{mode} n={n}"
-            r = run(args, depth, mode, n)
+            mode, n, rc, label = parse_entry(entry)
+            r = run(args, depth, mode, n, rc=rc)
             if r[0] is None:
-                print(f"{label:10s} failed: {r[1]}", flush=True)
+                print(f"{label:16s} failed: {r[1]}", flush=True)
                 continue
             ms, tps, mem, _ = r
             base = base or tps
-            print(f"{label:10s} {ms:9.1f} {tps:9d} {tps / base:11.2f}x {mem:9d}", flush=True)
+            print(f"{label:16s} {ms:9.1f} {tps:9d} {tps / base:11.2f}x {mem:9d}", flush=True)
             if args.profile:
-                splits.append((f"d{depth} {label}", run(args, depth, mode, n, profile=True)[-1]))
+                splits.append((f"d{depth} {label}", run(args, depth, mode, n, profile=True, rc=rc)[-1]))
     for label, split in splits:
         print(f"--- {label}: {split}")
 
@@ -78,22 +87,20 @@ def main():
 def scaling(args):
     for depth in args.depth:
         print(f"d{depth} B={args.B} per GPU, T={args.T}, steps={args.steps}, trainer={args.trainer} {args.multi_flags}")
-        print(f"{'mode':10s} {'GPUs':>4s} {'ms/step':>9s} {'tok/s':>9s} {'efficiency':>10s} {'peak MiB':>9s}")
+        print(f"{'mode':16s} {'GPUs':>4s} {'ms/step':>9s} {'tok/s':>9s} {'efficiency':>10s} {'peak MiB':>9s}")
         for entry in args.modes:
-            mode, _, n = entry.partition(":")
-            n = int(n or 4)
-            label = mode if mode == "residual" else f"{mode} n={n}"
+            mode, n, rc, label = parse_entry(entry)
             one = None
             for g in args.gpus:
-                r = run(args, depth, mode, n, gpus=g)
+                r = run(args, depth, mode, n, gpus=g, rc=rc)
                 if r[0] is None:
-                    print(f"{label:10s} {g:4d} failed: {r[1]}", flush=True)
+                    print(f"{label:16s} {g:4d} failed: {r[1]}", flush=True)
                     continue
                 ms, tps, mem, _ = r
                 if g == 1:
                     one = tps
                 eff = f"{tps / (g * one):10.3f}" if one else f"{'-':>10s}"
-                print(f"{label:10s} {g:4d} {ms:9.1f} {tps:9d} {eff} {mem:9d}", flush=True)
+                print(f"{label:16s} {g:4d} {ms:9.1f} {tps:9d} {eff} {mem:9d}", flush=True)
 
 
 if __name__ == "__main__":

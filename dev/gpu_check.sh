@@ -38,7 +38,13 @@ for s in $steps; do
         compute-sanitizer --tool memcheck --print-limit 5 ./train_gpt_hcu -e d4 -H mhc -E 4 -b 2 -t 256 -x 2 -v 1 -m 2 -s 0 \
             -i 'data/tiny/tiny_train_*.bin' -j 'data/tiny/tiny_val_*.bin' 2>&1 | tee "$OUT/memcheck_train.txt" | grep -E "ERROR SUMMARY" || rc=1
         compute-sanitizer --tool racecheck --print-limit 5 ./dev/cuda/bench_attention 1 128 2 2>&1 | tee "$OUT/racecheck_attn.txt" | grep -E "RACECHECK SUMMARY|agree" || rc=1
-        compute-sanitizer --tool racecheck --print-limit 5 ./dev/cuda/bench_hc 256 64 2>&1 | tee "$OUT/racecheck_hc.txt" | grep -E "RACECHECK SUMMARY|check" || rc=1 ;;
+        # BT = 2048: several token tiles per block in the dH pass. The cuBLAS GEMMs of the reference
+        # variants (nvjet kernels, TMA + mbarriers) draw racecheck reports of their own: counted apart
+        compute-sanitizer --tool racecheck --print-limit 100 ./dev/cuda/bench_hc 2048 64 > "$OUT/racecheck_hc.txt" 2>&1
+        grep -E "check:" "$OUT/racecheck_hc.txt"
+        ours=$(grep "Race reported" "$OUT/racecheck_hc.txt" | grep -vc nvjet)
+        echo "racecheck bench_hc: $ours hazards in our kernels, $(grep "Race reported" "$OUT/racecheck_hc.txt" | grep -c nvjet) reports inside cuBLAS (nvjet)"
+        [ "$ours" = 0 ] || rc=1 ;;
     bench24) python3 dev/bench_cuda.py --steps 6 --depth 24 --modes residual mhc:4 2>&1 | tee "$OUT/bench_d24.txt" || rc=1 ;;
     multi)   # data parallel on 2 GPUs: bit-exact against 1 GPU in FP32 and BF16
         export NCCL_NVLS_ENABLE=0   # NVLink multicast stays off on the shared machines

@@ -37,6 +37,9 @@ static void usage(void) {
         "  -q <float>  final learning rate as a fraction of -l, cosine decay (default 1.0: constant)\n"
         "  -c <float>  weight decay on the 2-D base matrices (default 0.1)\n"
         "  -G <float>  gradient clipping norm, 0 = off (default 1.0)\n"
+        "  -r <Lr>     recomputation (mHC paper 4.3.2; CUDA trainer, HC modes): keep the streams only\n"
+        "              every Lr sublayers and recompute the rest in the backward; auto = the paper's\n"
+        "              sqrt(nK/(n+2)) for K sublayers; default 1 (keep all; the CPU trainer always does)\n"
         "evaluation, output\n"
         "  -v <int>    validate every N steps (default 20; 0 = never)\n"
         "  -m <int>    max val batches (default 20)\n"
@@ -163,7 +166,7 @@ static void format_eta(char *buf, size_t len, double seconds) {
 int main(int argc, char **argv) {
     const char *train_pattern = "data/tiny/tiny_train_*.bin", *val_pattern = "data/tiny/tiny_val_*.bin";
     const char *init = "d4", *out_dir = NULL, *tokenizer_path = "data/gpt2_tokenizer.bin";
-    int mode = -1, n_flag = -1, iters_flag = -1, B = 4, T = 64, total_batch = -1, max_steps = -1, warmup = 0;
+    int recompute = 1, mode = -1, n_flag = -1, iters_flag = -1, B = 4, T = 64, total_batch = -1, max_steps = -1, warmup = 0;
     int val_every = 20, val_max = 20, sample_every = 20, gen_tokens = 64, ckpt_every = 0, resume = 0;
     float lr = 3e-4f, final_frac = 1.0f, weight_decay = 0.1f, grad_clip = 1.0f;
     uint64_t seed = 1337;
@@ -212,6 +215,7 @@ int main(int argc, char **argv) {
             case 'o': out_dir = v; break;
             case 'n': ckpt_every = parse_int(f, v, 0, 1 << 30); break;
             case 'y': resume = parse_int(f, v, 0, 1); break;
+            case 'r': recompute = strcmp(v, "auto") == 0 ? 0 : parse_int(f, v, 1, 1 << 20); break;
             default: die("unknown flag %s (see -h)", f);
         }
     }
@@ -260,6 +264,7 @@ int main(int argc, char **argv) {
     }
     GPTHCConfig *c = &model.config;
     if (T > c->max_seq_len) die("-t %d exceeds the model's max_seq_len %d", T, c->max_seq_len);
+    gpt_set_recompute(&model, recompute);
     gpt_ensure_activations(&model, B, T);   // sized for training, before any sampling forward
 
     DataLoader train_loader, val_loader;
@@ -298,7 +303,7 @@ int main(int argc, char **argv) {
     // print the run
     size_t base = 0;
     for (int i = 0; i < P_HC_A; i++) base += model.param_sizes[i];
-    char row[14][128];
+    char row[15][128];
     snprintf(row[0], 128, "%s", init);
     snprintf(row[1], 128, "%s", MODE_NAMES[c->mode]);
     snprintf(row[2], 128, "%d", c->n);
@@ -313,12 +318,14 @@ int main(int argc, char **argv) {
     snprintf(row[11], 128, "%g, %d, %g", lr, warmup, final_frac);
     snprintf(row[12], 128, "%s", gpt_device_description());
     snprintf(row[13], 128, "%d%s", world, world > 1 ? (zero ? " (ZeRO-1: AdamW state sharded)" : " (gradients all-reduced)") : "");
-    const char *label[14] = {"model", "residual mode", "n (streams)", "sinkhorn iterations", "L, NH, C, max T",
+    snprintf(row[14], 128, "streams kept every %d sublayers", gpt_recompute(&model));
+    const char *label[15] = {"model", "residual mode", "n (streams)", "sinkhorn iterations", "L, NH, C, max T",
                              "vocab (padded)", "parameters", "of which HC/mHC", "B, T, grad accum", "train tokens",
-                             "steps", "lr, warmup, final", "device", "processes"};
+                             "steps", "lr, warmup, final", "device", "processes", "recomputation"};
     printf("+-----------------------+----------------------------------------------------+\n");
-    for (int i = 0; i < 14; i++) {
+    for (int i = 0; i < 15; i++) {
         if (i == 3 && c->mode != MODE_MHC) continue;
+        if (i == 14 && gpt_recompute(&model) == 1) continue;
         printf("| %-21s | %-50s |\n", label[i], row[i]);
     }
     printf("+-----------------------+----------------------------------------------------+\n");

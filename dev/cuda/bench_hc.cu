@@ -3,9 +3,11 @@ HC/mHC kernels of train_gpt_hc.cu timed against their memory floor (issues 4 and
   mhc projection forward   1: cuBLAS GEMM p = vec(H) @ phi, then rms_kernel (two passes over H)
                            2: mhc_proj_forward_kernel (tensor cores, rms from the same tiles)
   mhc dH backward          1: pre-mix backward (dH += pre_i du, dpre), cuBLAS dH += dp @ phi^T,
-                              then mhc_rms_backward_kernel (three passes over dH)
+                              then mhc_rms_backward_kernel (three passes over dH), cuBLAS dphi = H^T dp
                            2: pre-mix backward computing dpre only, then mhc_proj_backward_kernel
-                              (one pass: dH += pre_i du + dp @ phi^T + kx H)
+                              (one pass: dH += pre_i du + dp @ phi^T + kx H), cuBLAS dphi = H^T dp
+                           3: pre-mix backward computing dpre only, then mhc_dh (the trainer's): one
+                              kernel for dH and the H^T dp partials, token tiles prefetched, + a reduce
   and the trainer's mixing kernels (pre-mix, post-mix + residual merge, forward and backward).
 Each variant 2 is checked against its variant 1 on random inputs first. Floor = bytes that must
 move (each input read once, each output written once) / the measured device-to-device copy rate.
@@ -21,6 +23,78 @@ move (each input read once, each output written once) / the measured device-to-d
 
 #define NN 4
 #define MM (NN * NN + 2 * NN)
+
+// Version 2 of the dH pass (the trainer's until session 5; version 3, mhc_dh_kernel, is in the trainer):
+// dH += pre_i du + dp @ phi^T + kx * H: the pre-mix, projection and rms terms of the backward in one
+// pass over dH (the pre-mix kernel then only computes dpre); dphi through cuBLAS.
+// grid: (ceil(BT / 64), nC / 64) blocks of 128 threads; one 64-token x 64-channel tile each
+// DHC: dhc's LayerNorm backward through the block-diagonal phi; kx and k0 (an added constant) are
+// then per (token, stream) row: dH += pre_i du + dp @ phi^T + kx H + k0
+template <int N, bool DHC = false>
+__global__ void __launch_bounds__(128) mhc_proj_backward_kernel(floatX *dH, const floatX *H, const floatX *dp, const float *kx, const float *k0,
+                                                                const floatX *phi, const floatX *du, const float *pre, int BT, int C) {
+    int nC = N * C, stream = blockIdx.y * 64 / C, cu = blockIdx.y * 64 % C;   // the tile's stream and channel offset (C % 64 == 0)
+    constexpr int m = N * N + 2 * N, MC = m / 8 > 0 ? m / 8 : 1, MK = (m + 15) / 16 * 16, KLD = MK + 8;   // m % 8 == 0 when launched
+    // the du tile is prefetched with the others where static shared memory allows (n <= 6), else
+    // loaded into the dp/phi space once the products are done
+    constexpr bool DU_EARLY = (2 * 64 * MP_LD + 2 * 64 * KLD + 64 * MP_LD) * 2 <= 48 * 1024;
+    __shared__ __align__(16) floatX Hs[64 * MP_LD], dHs[64 * MP_LD];
+    __shared__ __align__(16) floatX DPs[2 * 64 * KLD];   // dp tile [token][k], phi rows [channel][k]; k in [m, MK) zero
+    __shared__ __align__(16) floatX Us_early[DU_EARLY ? 64 * MP_LD : 8];
+    floatX *Ds = DPs, *Ps = DPs + 64 * KLD, *Us = DU_EARLY ? Us_early : DPs;
+    static_assert(DU_EARLY || 2 * KLD >= MP_LD, "du tile must fit in the dp/phi space");
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t0 = blockIdx.x * 64, c0 = blockIdx.y * 64;
+    fa_load_tile(Hs, H + (size_t)t0 * nC + c0, BT - t0, nC);
+    fa_load_tile(dHs, dH + (size_t)t0 * nC + c0, BT - t0, nC);
+    if (DU_EARLY) fa_load_tile(Us, du + (size_t)t0 * C + cu, BT - t0, C);
+    for (int i = threadIdx.x; i < 64 * MC; i += blockDim.x) {
+        int r = i / MC, q = (i % MC) * 8;
+        bool ok = t0 + r < BT;
+        cp_async16(Ds + r * KLD + q, dp + (ok ? (size_t)(t0 + r) * m + q : 0), ok);
+        cp_async16(Ps + r * KLD + q, phi + (size_t)(c0 + r) * m + q, true);
+    }
+    cp_async_commit();
+    if (MK > m)
+        for (int r = threadIdx.x; r < 64; r += blockDim.x) {
+            *reinterpret_cast<int4 *>(Ds + r * KLD + m) = make_int4(0, 0, 0, 0);
+            *reinterpret_cast<int4 *>(Ps + r * KLD + m) = make_int4(0, 0, 0, 0);
+        }
+    cp_async_wait<0>();
+    __syncthreads();
+    float acc[8][4];
+    dp_phiT_tile<MK, KLD>(acc, Ds, Ps, warp, lane);
+    if (!DU_EARLY) {
+        __syncthreads();   // every warp is done with the dp/phi tiles
+        fa_load_tile(Us, du + (size_t)t0 * C + cu, BT - t0, C);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+    }
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        int r = warp * 16 + lane / 4 + 8 * h;
+        bool ok = t0 + r < BT;
+        size_t kr = DHC ? (size_t)(t0 + r) * N + stream : (size_t)(t0 + r);
+        float k = ok ? kx[kr] : 0.0f, kc0 = DHC && ok ? k0[kr] : 0.0f, pr = ok ? pre[(size_t)(t0 + r) * N + stream] : 0.0f;
+        const floatX *durow = Us + r * MP_LD;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            int col = j * 8 + 2 * (lane % 4);
+            __nv_bfloat162 hv = *reinterpret_cast<__nv_bfloat162 *>(&Hs[r * MP_LD + col]);
+            __nv_bfloat162 uv = *reinterpret_cast<const __nv_bfloat162 *>(durow + col);
+            __nv_bfloat162 *dv = reinterpret_cast<__nv_bfloat162 *>(&dHs[r * MP_LD + col]);
+            float d0 = __low2float(*dv) + acc[j][2 * h] + k * __low2float(hv) + kc0 + pr * __low2float(uv);
+            float d1 = __high2float(*dv) + acc[j][2 * h + 1] + k * __high2float(hv) + kc0 + pr * __high2float(uv);
+            *dv = __floats2bfloat162_rn(d0, d1);
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < 64 * 8; i += blockDim.x) {   // 16-byte coalesced stores of the tile
+        int r = i >> 3, c = (i & 7) * 8;
+        if (t0 + r < BT) store128(dH + (size_t)(t0 + r) * nC + c0 + c, *reinterpret_cast<x128 *>(&dHs[r * MP_LD + c]));
+    }
+}
+
 
 static double g_copy_gbs;   // measured copy rate, bytes read + written per second / 1e9
 
@@ -108,22 +182,46 @@ int main(int argc, char **argv) {
                                  CUDA_R_32F, MM, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         rms_kernel<<<ceil_div(BT, 4), 128>>>(r0, H, BT, nC);
     };
-    auto fwd2 = [&] { mhc_proj_forward_kernel<NN><<<ceil_div(BT, 64), 128>>>(p1, r1, H, phi, BT, nC); };
+    auto fwd2 = [&] { mhc_proj_forward_kernel<NN><<<ceil_div(BT, 64), 128>>>(p1, r1, NULL, H, phi, BT, nC, C); };
     float *dpre1 = dalloc<float>((size_t)BT * NN);
+    floatX *dH3 = dalloc<floatX>(nh);
+    float *dphi1 = dalloc<float>((size_t)nC * MM), *dphi2 = dalloc<float>((size_t)nC * MM), *dphi3 = dalloc<float>((size_t)nC * MM);
+    auto dphi_gemm = [&](float *out) {
+        cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_T, MM, nC, BT, &one, dp, CUBLAS_X, MM, H, CUBLAS_X, nC, &zero, out,
+                                 CUDA_R_32F, MM, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    };
     auto bwd1 = [&] {
         hc_premix_backward_kernel<NN><<<ceil_div(BT, 4), 128>>>(dH, dpre1, du, H, pre, BT, C);
         cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_T, CUBLAS_OP_N, nC, BT, MM, &one, phi, CUBLAS_X, MM, dp, CUBLAS_X, MM, &one, dH,
                                  CUBLAS_X, nC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         mhc_rms_backward_kernel<<<dim3(BT, ceil_div(nC / X128, 128)), 128>>>(dH, H, kx, nC);
+        dphi_gemm(dphi1);
     };
     auto bwd2 = [&] {
         hc_premix_backward_kernel<NN><<<ceil_div(BT, 4), 128>>>(NULL, dpre1, du, H, pre, BT, C);
-        mhc_proj_backward_kernel<NN><<<dim3(ceil_div(BT, 64), nC / 64), 128>>>(dH2, H, dp, kx, phi, du, pre, BT, C);
+        mhc_proj_backward_kernel<NN><<<dim3(ceil_div(BT, 64), nC / 64), 128>>>(dH2, H, dp, kx, NULL, phi, du, pre, BT, C);
+        dphi_gemm(dphi2);
     };
-    // correctness of the variants 2 (one application each, from the same dH)
+    auto bwd3 = [&] {
+        hc_premix_backward_kernel<NN><<<ceil_div(BT, 4), 128>>>(NULL, dpre1, du, H, pre, BT, C);
+        mhc_dh<false>(NN, dH3, dphi3, 0, H, dp, kx, NULL, phi, du, pre, BT, C);
+    };
+    // correctness of the variants 2 and 3 (one application each, from the same dH)
     cudaCheck(cudaMemcpy(dH2, dH, nh * sizeof(floatX), cudaMemcpyDeviceToDevice));
-    fwd1(); fwd2(); bwd1(); bwd2();
+    cudaCheck(cudaMemcpy(dH3, dH, nh * sizeof(floatX), cudaMemcpyDeviceToDevice));
+    fwd1(); fwd2(); bwd1(); bwd2(); bwd3();
     kernelCheck();
+    {
+        double e3 = rel_err(dH3, dH, nh);
+        float *a = (float *)mallocCheck((size_t)nC * MM * 4), *b = (float *)mallocCheck((size_t)nC * MM * 4);
+        cudaCheck(cudaMemcpy(a, dphi1, (size_t)nC * MM * 4, cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(b, dphi3, (size_t)nC * MM * 4, cudaMemcpyDeviceToHost));
+        double e, m;
+        diff_stats(b, a, (size_t)nC * MM, &e, &m);
+        printf("check: dH pass 3 dH rel err %.1e, dphi rel err %.1e -> %s\n", e3, e / m, e3 < 1e-2 && e / m < 1e-4 ? "agree" : "DISAGREE");
+        free(a);
+        free(b);
+    }
     {
         float *a = (float *)mallocCheck((size_t)BT * MM * 4), *b = (float *)mallocCheck((size_t)BT * MM * 4);
         cudaCheck(cudaMemcpy(a, p0, (size_t)BT * MM * 4, cudaMemcpyDeviceToHost));
@@ -141,6 +239,7 @@ int main(int argc, char **argv) {
     row("mhc proj fwd 2: tensor-core kernel", median_ms(fwd2), hb + BT * MM * 4.0);
     row("mhc dH bwd 1: pre-mix bwd + cuBLAS + rms bwd", median_ms(bwd1), 3 * hb + xb);
     row("mhc dH bwd 2: dpre pass + tensor-core kernel", median_ms(bwd2), 3 * hb + xb);
+    row("mhc dH bwd 3: dpre pass + one-pass dH/dphi kernel", median_ms(bwd3), 3 * hb + xb);
     row("pre-mix forward u = sum pre_i H_i", median_ms([&] {
             hc_premix_forward_kernel<NN><<<ceil_div(BT, 4), 128>>>(u, H, pre, BT, C);
         }), hb + xb);
