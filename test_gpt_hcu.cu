@@ -374,7 +374,7 @@ static void test_fused_paths(int mode, int n, int C, int B, int T) {
     }
     diff_stats(coef[0], coef[1], nco, &ce, &cm);
     // the fused path rounds g_q = lnw o W_q and dp to bf16 where the plain one keeps fp32
-    report(worst < 2e-2 && ce < 2e-3 && fabs(loss[0] - loss[1]) < 1e-3,
+    report(worst < 2e-2 && ce < 5e-4 && fabs(loss[0] - loss[1]) < 1e-3,
            "fused vs plain HC kernels, %s n=%d C=%d BT=%d: loss %.6f vs %.6f, coefficients max abs err %.1e, worst gradient %s rel %.1e",
            MODE_NAMES[mode], n, C, BT, loss[0], loss[1], ce, wname, worst);
     for (int f = 0; f < 2; f++) { free(grads[f]); free(coef[f]); }

@@ -2072,7 +2072,7 @@ __global__ void mhc_rms_backward_kernel(floatX *dH, const floatX *H, const float
 template <int N, bool DHC = false>
 __global__ void __launch_bounds__(128) mhc_proj_forward_kernel(float *p, float *rms, float *rstd, const floatX *H, const floatX *phi,
                                                                int BT, int nC, int C) {
-    // launched only for m % 8 == 0 (mhc_fused); MT is clamped so odd n still compiles
+    // launched only for m % 8 == 0 (hc_tensor_cores); MT is clamped so odd n still compiles
     constexpr int m = N * N + 2 * N, MT = m / 8 > 0 ? m / 8 : 1, PLD = 8 * (MT | 1);   // odd 16-byte row stride: no bank conflicts
     constexpr int MP_STAGES = MT <= 4 ? 3 : 2;
     __shared__ __align__(16) floatX Hs[MP_STAGES][64 * MP_LD];
@@ -2185,6 +2185,31 @@ struct DhShape {
     static constexpr int SMEM = (64 * KLD + 2 * STAGE) * (int)sizeof(floatX);  // phi tile + two stages
 };
 
+// dH tile (in shared memory, rows of MP_LD) += acc + kx H + k0 + pre_i du for this warp's 16 tokens
+// (k0 only for dhc, kx and k0 per (token, stream) row there, per token for mhc)
+template <int N, bool DHC>
+__device__ __forceinline__ void dh_tile_epilogue(floatX *dhs, const floatX *hs, const floatX *us, const float (&acc)[8][4],
+                                                 const float *kx, const float *k0, const float *pre, int t0, int BT, int stream,
+                                                 int warp, int lane) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        int r = warp * 16 + lane / 4 + 8 * h;
+        bool ok = t0 + r < BT;
+        size_t kr = DHC ? (size_t)(t0 + r) * N + stream : (size_t)(t0 + r);
+        float k = ok ? kx[kr] : 0.0f, kc0 = DHC && ok ? k0[kr] : 0.0f, pr = ok ? pre[(size_t)(t0 + r) * N + stream] : 0.0f;
+#pragma unroll
+        for (int jj = 0; jj < 8; jj++) {
+            int col = jj * 8 + 2 * (lane % 4);
+            __nv_bfloat162 hv = *reinterpret_cast<const __nv_bfloat162 *>(hs + r * MP_LD + col);
+            __nv_bfloat162 uv = *reinterpret_cast<const __nv_bfloat162 *>(us + r * MP_LD + col);
+            __nv_bfloat162 *dv = reinterpret_cast<__nv_bfloat162 *>(dhs + r * MP_LD + col);
+            float d0 = __low2float(*dv) + acc[jj][2 * h] + k * __low2float(hv) + kc0 + pr * __low2float(uv);
+            float d1 = __high2float(*dv) + acc[jj][2 * h + 1] + k * __high2float(hv) + kc0 + pr * __high2float(uv);
+            *dv = __floats2bfloat162_rn(d0, d1);
+        }
+    }
+}
+
 template <int N, bool DHC>
 __global__ void __launch_bounds__(128) mhc_dh_kernel(floatX *dH, float *Mpart, const floatX *H, const floatX *dp, const float *kx,
                                                      const float *k0, const floatX *phi, const floatX *du, const float *pre, int BT, int C,
@@ -2248,23 +2273,7 @@ __global__ void __launch_bounds__(128) mhc_dh_kernel(floatX *dH, float *Mpart, c
                 mma_bf16(macc[jt], a, bb[0], bb[1]);
             }
         }
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            int r = warp * 16 + lane / 4 + 8 * h;
-            bool ok = t0 + r < BT;
-            size_t kr = DHC ? (size_t)(t0 + r) * N + stream : (size_t)(t0 + r);
-            float k = ok ? kx[kr] : 0.0f, kc0 = DHC && ok ? k0[kr] : 0.0f, pr = ok ? pre[(size_t)(t0 + r) * N + stream] : 0.0f;
-#pragma unroll
-            for (int jj = 0; jj < 8; jj++) {
-                int col = jj * 8 + 2 * (lane % 4);
-                __nv_bfloat162 hv = *reinterpret_cast<const __nv_bfloat162 *>(hs + r * MP_LD + col);
-                __nv_bfloat162 uv = *reinterpret_cast<const __nv_bfloat162 *>(us + r * MP_LD + col);
-                __nv_bfloat162 *dv = reinterpret_cast<__nv_bfloat162 *>(dhs + r * MP_LD + col);
-                float d0 = __low2float(*dv) + acc[jj][2 * h] + k * __low2float(hv) + kc0 + pr * __low2float(uv);
-                float d1 = __high2float(*dv) + acc[jj][2 * h + 1] + k * __high2float(hv) + kc0 + pr * __high2float(uv);
-                *dv = __floats2bfloat162_rn(d0, d1);
-            }
-        }
+        dh_tile_epilogue<N, DHC>(dhs, hs, us, acc, kx, k0, pre, t0, BT, stream, warp, lane);
         __syncthreads();
         for (int i = threadIdx.x; i < 64 * 8; i += blockDim.x) {   // 16-byte coalesced stores of the tile
             int r = i >> 3, c = (i & 7) * 8;
@@ -2321,11 +2330,11 @@ static void mhc_dh(int n, floatX *dH, float *dphi, int accumulate, const floatX 
     }
 }
 
-// the tensor-core mHC products apply: C a multiple of 64 (a 64-column tile lies in one stream),
+// the tensor-core products (mHC's, and dHC's through its block-diagonal phi) apply: C a multiple of 64 (a 64-column tile lies in one stream),
 // rows of m = n^2 + 2n bf16 in 16-byte pieces (n even). g_hc_fused = 0 forces the plain kernels
 // (the tests compare the two paths)
 static int g_hc_fused = 1;
-static int mhc_fused(int C, int m) { return g_hc_fused && C % 64 == 0 && m % 8 == 0; }
+static int hc_tensor_cores(int C, int m) { return g_hc_fused && C % 64 == 0 && m % 8 == 0; }
 
 // dhc through the same tensor-core kernels. dhc projects each LayerNorm-ed stream row onto n+2
 // vectors W_q (Wa's n+1 columns, Wb): x_hat . (lnw o W_q) + lnb . W_q. With g_q = bf16(lnw o W_q),
@@ -2466,12 +2475,12 @@ __global__ void dhc_param_proj_kernel(float *dWa, float *dWb, float *dlnw, float
 #endif
 
 // the mHC and dHC backward add the pre-mix term pre_i du to dH in their tensor-core pass
-static int mhc_fuses_premix(const GPTHCConfig *c) {
+static int hc_fuses_premix(const GPTHCConfig *c) {
 #if defined(ENABLE_FP32)
     (void)c;
     return 0;
 #else
-    return (c->mode == MODE_MHC || c->mode == MODE_DHC) && mhc_fused(c->channels, mhc_width(c->n));
+    return (c->mode == MODE_MHC || c->mode == MODE_DHC) && hc_tensor_cores(c->channels, mhc_width(c->n));
 #endif
 }
 
@@ -2822,7 +2831,7 @@ static void hc_coeffs_forward(GPTHC *model, int k, const floatX *Hk, int BT) {
         shc_coeffs_forward_kernel<<<ceil_div(BT, 128), 128>>>(pre, post, res, p->hc_A + (size_t)k * n * (n + 1), p->hc_b + (size_t)k * n, BT, n);
     } else if (c->mode == MODE_DHC) {
 #if !defined(ENABLE_FP32)
-        if (mhc_fused(C, m)) {
+        if (hc_tensor_cores(C, m)) {
             size_t o1 = (size_t)k * BT * n;
             float *pbuf = (float *)dscratch(0, (size_t)BT * m * sizeof(float));
             DISPATCH_N_DHC(n, mhc_proj_forward_kernel, ceil_div(BT, 64), 128, pbuf, a->hcn_mean + o1, a->hcn_rstd + o1, Hk,
@@ -2844,7 +2853,7 @@ static void hc_coeffs_forward(GPTHC *model, int k, const floatX *Hk, int BT) {
         float *pbuf = (float *)dscratch(0, (size_t)BT * m * sizeof(float));
         const floatX *phix = px(model, P_MHC_PHI) + (size_t)k * nC * m;
 #if !defined(ENABLE_FP32)
-        if (mhc_fused(C, m)) {
+        if (hc_tensor_cores(C, m)) {
             DISPATCH_N(n, mhc_proj_forward_kernel, ceil_div(BT, 64), 128, pbuf, a->mhc_rms + (size_t)k * BT, NULL, Hk, phix, BT, nC, C);
         } else
 #endif
@@ -2861,7 +2870,7 @@ static void hc_coeffs_forward(GPTHC *model, int k, const floatX *Hk, int BT) {
     kernelCheck();
 }
 
-// du: the sublayer input's gradient, for mHC's fused dH pass (the pre-mix term; see mhc_fuses_premix)
+// du: the sublayer input's gradient, for mHC's fused dH pass (the pre-mix term; see hc_fuses_premix)
 static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *Hk, const floatX *du, int BT) {
     ProfScope prof(PROF_HC_COEF);
     const GPTHCConfig *c = &model->config;
@@ -2871,7 +2880,7 @@ static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *H
     size_t o1 = (size_t)k * BT * n;
     const float *dpre = ga->pre, *dpost = ga->post, *dres = ga->res;   // this sublayer's (one held)
 #if !defined(ENABLE_FP32)
-    if (c->mode == MODE_DHC && mhc_fused(C, m)) {
+    if (c->mode == MODE_DHC && hc_tensor_cores(C, m)) {
         int nC = n * C, ng = n + 2, w = n * n1 + n + 2;
         float *kx = (float *)dscratch(0, (size_t)2 * BT * n * sizeof(float)), *k0 = kx + (size_t)BT * n;
         float *rows = (float *)dscratch(2, (size_t)BT * (w + 2 * ng) * sizeof(float) + (size_t)BT * m * sizeof(floatX) + 256);
@@ -2942,7 +2951,7 @@ static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *H
         const float one = 1.0f;
         const floatX *phix = px(model, P_MHC_PHI) + (size_t)k * nC * m;
 #if !defined(ENABLE_FP32)
-        if (mhc_fused(C, m)) {   // dH += pre_i du + dp @ phi^T + kx H and dphi += vec(H)^T dp, one pass over H and dH
+        if (hc_tensor_cores(C, m)) {   // dH += pre_i du + dp @ phi^T + kx H and dphi += vec(H)^T dp, one pass over H and dH
             mhc_dh<false>(n, dHk, g->mhc_phi + (size_t)k * nC * m, 1, Hk, dpx, kx, NULL, phix, du, a->pre + o1, BT, C);
         } else
 #endif
@@ -2976,7 +2985,7 @@ void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int
     if (targets != NULL) cudaCheck(cudaMemcpy(model->targets, targets, BT * sizeof(int), cudaMemcpyHostToDevice));
     ActivationTensors *a = &model->acts;
 #if !defined(ENABLE_FP32)
-    if (c->mode == MODE_DHC && mhc_fused(C, mhc_width(n))) {   // this step's projections for the tensor-core dhc kernels
+    if (c->mode == MODE_DHC && hc_tensor_cores(C, mhc_width(n))) {   // this step's projections for the tensor-core dhc kernels
         ProfScope prof(PROF_HC_COEF);
         ParameterTensors *p = &model->params;
         size_t per = (size_t)n * C * mhc_width(n);
@@ -3097,7 +3106,7 @@ void gpt_backward(GPTHC *model, float loss_scale, int last) {
             sublayer_backward(model, k, du, dy, u, B, T);   // writes du
             {
                 ProfScope prof(PROF_HC);
-                DISPATCH_N(n, hc_premix_backward_kernel, ceil_div(BT, 4), 128, mhc_fuses_premix(c) ? NULL : dHk, ga->pre, du, Hk,
+                DISPATCH_N(n, hc_premix_backward_kernel, ceil_div(BT, 4), 128, hc_fuses_premix(c) ? NULL : dHk, ga->pre, du, Hk,
                            a->pre + o1, (int)BT, C);
                 kernelCheck();
             }

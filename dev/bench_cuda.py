@@ -6,6 +6,7 @@ lines; with --profile it runs once more per mode with GPT_HC_PROFILE=1 for the t
     python3 dev/bench_cuda.py                         # d12, B=16, T=1024, all modes
     python3 dev/bench_cuda.py --depth 24 --modes residual mhc:4 --profile
     python3 dev/bench_cuda.py --depth 12 24 --modes residual shc:2 shc:4 shc:8 dhc:2 dhc:4 dhc:8 mhc:2 mhc:4 mhc:8
+    python3 dev/bench_cuda.py --depth 12 24 --modes residual mhc:4 mhc:4:rauto   # with recomputation (-r auto)
     python3 dev/bench_cuda.py --depth 12 24 --modes residual mhc:4 --gpus 1 2   # data-parallel scaling
 
 With --gpus, each entry runs on each GPU count with B per GPU fixed (total batch = GPUs x B x T)

@@ -70,24 +70,7 @@ __global__ void __launch_bounds__(128) mhc_proj_backward_kernel(floatX *dH, cons
         cp_async_wait<0>();
         __syncthreads();
     }
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        int r = warp * 16 + lane / 4 + 8 * h;
-        bool ok = t0 + r < BT;
-        size_t kr = DHC ? (size_t)(t0 + r) * N + stream : (size_t)(t0 + r);
-        float k = ok ? kx[kr] : 0.0f, kc0 = DHC && ok ? k0[kr] : 0.0f, pr = ok ? pre[(size_t)(t0 + r) * N + stream] : 0.0f;
-        const floatX *durow = Us + r * MP_LD;
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            int col = j * 8 + 2 * (lane % 4);
-            __nv_bfloat162 hv = *reinterpret_cast<__nv_bfloat162 *>(&Hs[r * MP_LD + col]);
-            __nv_bfloat162 uv = *reinterpret_cast<const __nv_bfloat162 *>(durow + col);
-            __nv_bfloat162 *dv = reinterpret_cast<__nv_bfloat162 *>(&dHs[r * MP_LD + col]);
-            float d0 = __low2float(*dv) + acc[j][2 * h] + k * __low2float(hv) + kc0 + pr * __low2float(uv);
-            float d1 = __high2float(*dv) + acc[j][2 * h + 1] + k * __high2float(hv) + kc0 + pr * __high2float(uv);
-            *dv = __floats2bfloat162_rn(d0, d1);
-        }
-    }
+    dh_tile_epilogue<N, DHC>(dHs, Hs, Us, acc, kx, k0, pre, t0, BT, stream, warp, lane);
     __syncthreads();
     for (int i = threadIdx.x; i < 64 * 8; i += blockDim.x) {   // 16-byte coalesced stores of the tile
         int r = i >> 3, c = (i & 7) * 8;
