@@ -26,7 +26,7 @@ test_gpt_hc: test_gpt_hc.c train_gpt_hc.c llmc/*.h
 NVCC ?= nvcc
 PRECISION ?= BF16
 NVCCFLAGS ?= -O3 -std=c++17 -gencode arch=compute_90,code=sm_90 -I/usr/include/x86_64-linux-gnu
-NVLIBS = -lcublas -lcublasLt -lnccl
+NVLIBS = -lcublas -lcublasLt -lcudnn -lnccl
 # MPI is optional (only -pi mpi, i.e. mpirun without -pi, needs it): USE_MPI=1 builds the trainer
 # with it, or make train_gpt_hcu_mpi; both need mpicc (Open MPI)
 MPIFLAGS = -DUSE_MPI $(shell mpicc --showme:compile 2>/dev/null)

@@ -6,8 +6,9 @@ Tests of the CUDA trainer on a GPU (make test-cuda builds and runs them in FP32 
     2^-8 = 4e-3 per rounding, compounded over a dozen roundings per value), 2e-2 for losses;
  2. CPU vs CUDA on a larger random config through the shared command line: the step losses of
     ./train_gpt_hc and this build agree (FP32: 1e-3 relative; BF16: 2e-2);
- 3. (BF16) the fused attention kernels and the cuBLAS attention path against a float64 CPU
-    attention, forward and backward, at T = 200 (partial tiles) and T = 256; the tensor-core
+ 3. (BF16) cuDNN's fused attention, the mma.sync flash kernels and the cuBLAS attention path
+    against a float64 CPU attention, forward and backward, at T = 200 (partial tiles) and
+    T = 256, and cuDNN's bits the same in a second run; the tensor-core
     mHC products (x @ phi, the one-pass dH/dphi kernel) against the cuBLAS path at ragged token
     counts; one model through the fused and the plain HC kernels (dhc n = 2..8, mhc);
  4. recomputation (-r) and the Sinkhorn sums' storage: bit-identical to the plain path.
@@ -171,8 +172,8 @@ static void test_cpu_vs_cuda(void) {
 }
 
 #if !defined(ENABLE_FP32)
-// the fused attention kernels (the BF16 build's path at head size 64) and the cuBLAS path against
-// a float64 CPU attention on the same bf16 inputs, at a ragged T (partial tiles) and a whole one
+// cuDNN's SDPA (the BF16 build's default at head size 64), the flash kernels and the cuBLAS path
+// against a float64 CPU attention on the same bf16 inputs, at a ragged T (partial tiles) and a whole one
 static void test_attention(int B, int T, int NH) {
     int C = NH * 64, C3 = 3 * C, BT = B * T;
     size_t nqkv = (size_t)BT * C3, no = (size_t)BT * C;
@@ -222,15 +223,19 @@ static void test_attention(int B, int T, int NH) {
     float *lse = dalloc<float>((size_t)B * NH * T);
     cudaCheck(cudaMemcpy(qkv, xq, nqkv * sizeof(floatX), cudaMemcpyHostToDevice));
     cudaCheck(cudaMemcpy(dout, xd, no * sizeof(floatX), cudaMemcpyHostToDevice));
-    for (int fused = 0; fused < 2; fused++) {
+    const char *names[3] = {"cuBLAS path", "fused (mma.sync)", "cuDNN SDPA"};
+    for (int v = 0; v < 3; v++) {
         cudaCheck(cudaMemset(out, 0xff, no * sizeof(floatX)));   // NaN: unwritten elements fail
         cudaCheck(cudaMemset(dqkv, 0xff, nqkv * sizeof(floatX)));
-        if (fused) {
+        if (v == 0) {
+            attention_forward_cublas(out, att, qkv, B, T, C, NH);
+            attention_backward_cublas(dqkv, dout, qkv, att, B, T, C, NH);
+        } else if (v == 1) {
             attention_forward_flash(out, lse, qkv, B, T, NH);
             attention_backward_flash(dqkv, dout, out, lse, qkv, B, T, NH);
         } else {
-            attention_forward_cublas(out, att, qkv, B, T, C, NH);
-            attention_backward_cublas(dqkv, dout, qkv, att, B, T, C, NH);
+            attention_forward_cudnn(out, lse, qkv, B, T, NH);
+            attention_backward_cudnn(dqkv, dout, out, lse, qkv, B, T, NH);
         }
         float *o = floatx_to_host(out, no), *g = floatx_to_host(dqkv, nqkv);
         double err[4] = {0, 0, 0, 0}, mx[4] = {0, 0, 0, 0};
@@ -248,7 +253,17 @@ static void test_attention(int B, int T, int NH) {
         double worst = 0.0;
         for (int k = 0; k < 4; k++) worst = (err[k] / mx[k] <= worst) ? worst : err[k] / mx[k];
         report(worst < 2e-2, "attention %s B=%d T=%d NH=%d vs float64: out %.1e dq %.1e dk %.1e dv %.1e (max abs err / max)",
-               fused ? "fused (mma.sync)" : "cuBLAS path", B, T, NH, err[0] / mx[0], err[1] / mx[1], err[2] / mx[2], err[3] / mx[3]);
+               names[v], B, T, NH, err[0] / mx[0], err[1] / mx[1], err[2] / mx[2], err[3] / mx[3]);
+        if (v == 2) {   // the trainer promises deterministic runs: the same inputs give the same bits
+            cudaCheck(cudaMemset(dqkv, 0, nqkv * sizeof(floatX)));
+            attention_forward_cudnn(out, lse, qkv, B, T, NH);
+            attention_backward_cudnn(dqkv, dout, out, lse, qkv, B, T, NH);
+            float *o2 = floatx_to_host(out, no), *g2 = floatx_to_host(dqkv, nqkv);
+            report(memcmp(o, o2, no * sizeof(float)) == 0 && memcmp(g, g2, nqkv * sizeof(float)) == 0,
+                   "attention cuDNN SDPA B=%d T=%d NH=%d: a second run gives bit-identical output and gradients", B, T, NH);
+            free(o2);
+            free(g2);
+        }
         free(o);
         free(g);
     }

@@ -18,6 +18,7 @@ dev/cuda/bench_attention.cu, dev/cuda/bench_hc.cu; measurements and history: dev
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <cudnn.h>
 #include <nccl.h>
 #ifdef USE_MPI
 #include <mpi.h>
@@ -1534,23 +1535,349 @@ static void attention_backward_flash(floatX *dqkv, const floatX *dout, const flo
 }
 #endif
 
-// the fused kernels where they apply (bf16, head size 64), else the cuBLAS path; GPT_HC_ATTENTION=cublas
-// forces the latter (for comparisons)
-static int use_flash(int C, int NH) {
-#if defined(ENABLE_FP32)
-    (void)C; (void)NH;
-    return 0;
+// ----------------------------------------------------------------------------
+// attention through cuDNN's fused SDPA (BF16, head size 64). No C++ frontend is installed here, so
+// the graph is built with the backend API (cudnn_graph.h): the same operations the frontend's sdpa
+// and sdpa_backward nodes lower to (bmm, scale, causal select, softmax with stats, bmm), which
+// cuDNN's heuristics match to its fused flash-attention engines. The backward writes dQ directly
+// (no fp32 dQ accumulator), cuDNN's deterministic variant. dev/cuda/bench_attention.cu compares it
+// with the mma.sync kernels above.
+#if !defined(ENABLE_FP32)
+static void cudnn_check(cudnnStatus_t s, const char *file, int line) {
+    if (s != CUDNN_STATUS_SUCCESS) die("cuDNN: %s [%s:%d]", cudnnGetErrorString(s), file, line);
+}
+#define cudnnCheck(x) cudnn_check((x), __FILE__, __LINE__)
+
+static cudnnHandle_t g_cudnn;
+static void *g_cudnn_ws;
+static size_t g_cudnn_ws_size;
+
+// one graph under construction: every descriptor is kept (the plan refers to the graph) and the
+// first failing call is remembered, so an unsupported graph falls back instead of dying
+typedef struct {
+    cudnnBackendDescriptor_t d[128], ops[32];
+    int nd, nops, err_line;
+    cudnnStatus_t err;
+    int64_t next_uid;
+} CdGraph;
+static void cd_ok(CdGraph *g, cudnnStatus_t s, int line) {
+    if (s != CUDNN_STATUS_SUCCESS && g->err_line == 0) { g->err = s; g->err_line = line; }
+}
+#define CD_SET(g, desc, attr, type, n, ptr) cd_ok(g, cudnnBackendSetAttribute(desc, attr, type, n, ptr), __LINE__)
+#define CD_FIN(g, desc) cd_ok(g, cudnnBackendFinalize(desc), __LINE__)
+static cudnnBackendDescriptor_t cd_new(CdGraph *g, cudnnBackendDescriptorType_t type) {
+    cudnnBackendDescriptor_t d = NULL;
+    if (g->nd == 128) { cd_ok(g, CUDNN_STATUS_INTERNAL_ERROR, __LINE__); return NULL; }
+    cd_ok(g, cudnnBackendCreateDescriptor(type, &d), __LINE__);
+    g->d[g->nd++] = d;
+    return d;
+}
+enum { CD_REAL, CD_VIRTUAL, CD_BY_VALUE };
+static cudnnBackendDescriptor_t cd_tensor(CdGraph *g, int64_t uid, cudnnDataType_t type, const int64_t dim[4], const int64_t stride[4], int kind) {
+    cudnnBackendDescriptor_t t = cd_new(g, CUDNN_BACKEND_TENSOR_DESCRIPTOR);
+    int64_t align = 16;
+    bool virt = kind == CD_VIRTUAL, by_value = kind == CD_BY_VALUE;
+    if (virt) uid = g->next_uid++;
+    CD_SET(g, t, CUDNN_ATTR_TENSOR_DATA_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &type);
+    CD_SET(g, t, CUDNN_ATTR_TENSOR_DIMENSIONS, CUDNN_TYPE_INT64, 4, dim);
+    CD_SET(g, t, CUDNN_ATTR_TENSOR_STRIDES, CUDNN_TYPE_INT64, 4, stride);
+    CD_SET(g, t, CUDNN_ATTR_TENSOR_UNIQUE_ID, CUDNN_TYPE_INT64, 1, &uid);
+    CD_SET(g, t, CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, CUDNN_TYPE_INT64, 1, &align);
+    CD_SET(g, t, CUDNN_ATTR_TENSOR_IS_VIRTUAL, CUDNN_TYPE_BOOLEAN, 1, &virt);
+    if (by_value) CD_SET(g, t, CUDNN_ATTR_TENSOR_IS_BY_VALUE, CUDNN_TYPE_BOOLEAN, 1, &by_value);
+    CD_FIN(g, t);
+    return t;
+}
+// y = mode(x, b, t); b and t may be NULL; axis >= 0 for GEN_INDEX
+static void cd_pointwise(CdGraph *g, cudnnPointwiseMode_t mode, cudnnDataType_t prec, cudnnBackendDescriptor_t x, cudnnBackendDescriptor_t b,
+                         cudnnBackendDescriptor_t t, cudnnBackendDescriptor_t y, int64_t axis = -1) {
+    cudnnBackendDescriptor_t pw = cd_new(g, CUDNN_BACKEND_POINTWISE_DESCRIPTOR);
+    CD_SET(g, pw, CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, 1, &mode);
+    CD_SET(g, pw, CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_TYPE_DATA_TYPE, 1, &prec);
+    if (axis >= 0) CD_SET(g, pw, CUDNN_ATTR_POINTWISE_AXIS, CUDNN_TYPE_INT64, 1, &axis);
+    CD_FIN(g, pw);
+    cudnnBackendDescriptor_t op = cd_new(g, CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR);
+    CD_SET(g, op, CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &pw);
+    CD_SET(g, op, CUDNN_ATTR_OPERATION_POINTWISE_XDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &x);
+    if (b) CD_SET(g, op, CUDNN_ATTR_OPERATION_POINTWISE_BDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &b);
+    if (t) CD_SET(g, op, CUDNN_ATTR_OPERATION_POINTWISE_TDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &t);
+    CD_SET(g, op, CUDNN_ATTR_OPERATION_POINTWISE_YDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &y);
+    CD_FIN(g, op);
+    g->ops[g->nops++] = op;
+}
+static void cd_matmul(CdGraph *g, cudnnBackendDescriptor_t a, cudnnBackendDescriptor_t b, cudnnBackendDescriptor_t c) {
+    cudnnDataType_t comp = CUDNN_DATA_FLOAT;
+    cudnnBackendDescriptor_t mm = cd_new(g, CUDNN_BACKEND_MATMUL_DESCRIPTOR);
+    CD_SET(g, mm, CUDNN_ATTR_MATMUL_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &comp);
+    CD_FIN(g, mm);
+    cudnnBackendDescriptor_t op = cd_new(g, CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR);
+    CD_SET(g, op, CUDNN_ATTR_OPERATION_MATMUL_ADESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &a);
+    CD_SET(g, op, CUDNN_ATTR_OPERATION_MATMUL_BDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &b);
+    CD_SET(g, op, CUDNN_ATTR_OPERATION_MATMUL_CDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &c);
+    CD_SET(g, op, CUDNN_ATTR_OPERATION_MATMUL_DESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &mm);
+    CD_FIN(g, op);
+    g->ops[g->nops++] = op;
+}
+static void cd_reduce(CdGraph *g, cudnnReduceTensorOp_t mode, cudnnBackendDescriptor_t x, cudnnBackendDescriptor_t y) {
+    cudnnDataType_t comp = CUDNN_DATA_FLOAT;
+    cudnnBackendDescriptor_t r = cd_new(g, CUDNN_BACKEND_REDUCTION_DESCRIPTOR);
+    CD_SET(g, r, CUDNN_ATTR_REDUCTION_OPERATOR, CUDNN_TYPE_REDUCTION_OPERATOR_TYPE, 1, &mode);
+    CD_SET(g, r, CUDNN_ATTR_REDUCTION_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &comp);
+    CD_FIN(g, r);
+    cudnnBackendDescriptor_t op = cd_new(g, CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR);
+    CD_SET(g, op, CUDNN_ATTR_OPERATION_REDUCTION_XDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &x);
+    CD_SET(g, op, CUDNN_ATTR_OPERATION_REDUCTION_YDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &y);
+    CD_SET(g, op, CUDNN_ATTR_OPERATION_REDUCTION_DESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &r);
+    CD_FIN(g, op);
+    g->ops[g->nops++] = op;
+}
+static void cd_reshape(CdGraph *g, cudnnBackendDescriptor_t x, cudnnBackendDescriptor_t y) {
+    cudnnBackendDescriptor_t op = cd_new(g, CUDNN_BACKEND_OPERATION_RESHAPE_DESCRIPTOR);
+    CD_SET(g, op, CUDNN_ATTR_OPERATION_RESHAPE_XDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &x);
+    CD_SET(g, op, CUDNN_ATTR_OPERATION_RESHAPE_YDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &y);
+    CD_FIN(g, op);
+    g->ops[g->nops++] = op;
+}
+
+// tensor ids of the variant pack; the by-value scalars live in host memory for the whole run
+enum { SD_Q = 1, SD_K, SD_V, SD_O, SD_STATS, SD_SCALE, SD_LOWEST, SD_ONE, SD_DO, SD_DQ, SD_DK, SD_DV };
+static const float sd_scale = 0.125f, sd_lowest = -FLT_MAX, sd_one = 1.0f;   // 1/sqrt(64)
+
+// the causal score chain shared by both graphs: s = (Q K^T) * scale, masked to -FLT_MAX above the diagonal
+static cudnnBackendDescriptor_t cd_scores(CdGraph *g, cudnnBackendDescriptor_t q, cudnnBackendDescriptor_t kt, const int64_t *ss, const int64_t *ssd,
+                                          cudnnBackendDescriptor_t scale, cudnnBackendDescriptor_t lowest) {
+    const cudnnDataType_t F = CUDNN_DATA_FLOAT, I = CUDNN_DATA_INT32, BOOL = CUDNN_DATA_BOOLEAN;
+    cudnnBackendDescriptor_t s = cd_tensor(g, 0, F, ss, ssd, CD_VIRTUAL), s2 = cd_tensor(g, 0, F, ss, ssd, CD_VIRTUAL);
+    cd_matmul(g, q, kt, s);
+    cd_pointwise(g, CUDNN_POINTWISE_MUL, F, s, scale, NULL, s2);
+    cudnnBackendDescriptor_t row = cd_tensor(g, 0, I, ss, ssd, CD_VIRTUAL), col = cd_tensor(g, 0, I, ss, ssd, CD_VIRTUAL);
+    cudnnBackendDescriptor_t keep = cd_tensor(g, 0, BOOL, ss, ssd, CD_VIRTUAL), s3 = cd_tensor(g, 0, F, ss, ssd, CD_VIRTUAL);
+    cd_pointwise(g, CUDNN_POINTWISE_GEN_INDEX, I, s2, NULL, NULL, row, 2);
+    cd_pointwise(g, CUDNN_POINTWISE_GEN_INDEX, I, s2, NULL, NULL, col, 3);
+    cd_pointwise(g, CUDNN_POINTWISE_CMP_GE, BOOL, row, col, NULL, keep);
+    cd_pointwise(g, CUDNN_POINTWISE_BINARY_SELECT, F, s2, lowest, keep, s3);
+    return s3;
+}
+
+// builds the forward (bwd = 0) or backward graph for B x T x NH heads of 64 over the qkv layout
+// (B, T, 3, NH, 64) and finds an engine for it; returns NULL (and the reason in why) if none
+static cudnnBackendDescriptor_t cudnn_sdpa_plan(int B, int T, int NH, int bwd, int64_t *ws, char *why, size_t why_len) {
+    CdGraph *g = (CdGraph *)calloc(1, sizeof(CdGraph));
+    g->next_uid = 100;
+    const cudnnDataType_t F = CUDNN_DATA_FLOAT, BF = CUDNN_DATA_BFLOAT16;
+    int64_t C = (int64_t)NH * 64, Tl = T, hs = 64;
+    int64_t qd[4] = {B, NH, Tl, hs}, qs[4] = {3 * C * Tl, hs, 3 * C, 1};       // Q, K, V, dQ, dK, dV in (B, T, 3, NH, 64)
+    int64_t ktd[4] = {B, NH, hs, Tl}, kts[4] = {3 * C * Tl, hs, 1, 3 * C};     // K^T (and V^T) as strides over the same memory
+    int64_t od[4] = {B, NH, Tl, hs}, os[4] = {C * Tl, hs, C, 1};               // O, dO in (B, T, NH, 64)
+    int64_t rd[4] = {B, NH, Tl, 1}, rs[4] = {NH * Tl, Tl, 1, 1};               // per-row statistics
+    int64_t ss[4] = {B, NH, Tl, Tl}, ssd[4] = {NH * Tl * Tl, Tl * Tl, Tl, 1};  // scores (virtual)
+    int64_t sst[4] = {NH * Tl * Tl, Tl * Tl, 1, Tl};                           // scores transposed
+    int64_t one[4] = {1, 1, 1, 1};
+    cudnnBackendDescriptor_t q = cd_tensor(g, SD_Q, BF, qd, qs, CD_REAL), kt = cd_tensor(g, SD_K, BF, ktd, kts, CD_REAL);
+    cudnnBackendDescriptor_t stats = cd_tensor(g, SD_STATS, F, rd, rs, CD_REAL), o = cd_tensor(g, SD_O, BF, od, os, CD_REAL);
+    cudnnBackendDescriptor_t scale = cd_tensor(g, SD_SCALE, F, one, one, CD_BY_VALUE), lowest = cd_tensor(g, SD_LOWEST, F, one, one, CD_BY_VALUE);
+    cudnnBackendDescriptor_t s = cd_scores(g, q, kt, ss, ssd, scale, lowest);
+    if (!bwd) {
+        // softmax with stats = max + log(sum exp), then O = P V
+        cudnnBackendDescriptor_t v = cd_tensor(g, SD_V, BF, qd, qs, CD_REAL);
+        cudnnBackendDescriptor_t mx = cd_tensor(g, 0, F, rd, rs, CD_VIRTUAL), sm = cd_tensor(g, 0, F, ss, ssd, CD_VIRTUAL);
+        cudnnBackendDescriptor_t e = cd_tensor(g, 0, F, ss, ssd, CD_VIRTUAL), z = cd_tensor(g, 0, F, rd, rs, CD_VIRTUAL);
+        cudnnBackendDescriptor_t lz = cd_tensor(g, 0, F, rd, rs, CD_VIRTUAL), p = cd_tensor(g, 0, BF, ss, ssd, CD_VIRTUAL);
+        cd_reduce(g, CUDNN_REDUCE_TENSOR_MAX, s, mx);
+        cd_pointwise(g, CUDNN_POINTWISE_SUB, F, s, mx, NULL, sm);
+        cd_pointwise(g, CUDNN_POINTWISE_EXP, F, sm, NULL, NULL, e);
+        cd_reduce(g, CUDNN_REDUCE_TENSOR_ADD, e, z);
+        cd_pointwise(g, CUDNN_POINTWISE_LOG, F, z, NULL, NULL, lz);
+        cd_pointwise(g, CUDNN_POINTWISE_ADD, F, mx, lz, NULL, stats);
+        cd_pointwise(g, CUDNN_POINTWISE_DIV, F, e, z, NULL, p);
+        cd_matmul(g, p, v, o);
+    } else {
+        cudnnBackendDescriptor_t vt = cd_tensor(g, SD_V, BF, ktd, kts, CD_REAL), dout = cd_tensor(g, SD_DO, BF, od, os, CD_REAL);
+        cudnnBackendDescriptor_t dq = cd_tensor(g, SD_DQ, BF, qd, qs, CD_REAL), dk = cd_tensor(g, SD_DK, BF, qd, qs, CD_REAL);
+        cudnnBackendDescriptor_t dv = cd_tensor(g, SD_DV, BF, qd, qs, CD_REAL), onev = cd_tensor(g, SD_ONE, F, one, one, CD_BY_VALUE);
+        int64_t pd[4] = {B, NH, Tl, hs}, ps[4] = {NH * Tl * hs, Tl * hs, hs, 1};
+        // D = rowsum(dO o O)
+        cudnnBackendDescriptor_t doo = cd_tensor(g, 0, F, pd, ps, CD_VIRTUAL), d0 = cd_tensor(g, 0, F, rd, rs, CD_VIRTUAL);
+        cudnnBackendDescriptor_t d = cd_tensor(g, 0, F, rd, rs, CD_VIRTUAL);
+        cd_pointwise(g, CUDNN_POINTWISE_MUL, F, dout, o, NULL, doo);
+        cd_reduce(g, CUDNN_REDUCE_TENSOR_ADD, doo, d0);
+        cd_pointwise(g, CUDNN_POINTWISE_MUL, F, d0, onev, NULL, d);
+        // P = exp(s - stats); dV = P^T dO
+        cudnnBackendDescriptor_t sm = cd_tensor(g, 0, F, ss, ssd, CD_VIRTUAL), p = cd_tensor(g, 0, F, ss, ssd, CD_VIRTUAL);
+        cudnnBackendDescriptor_t pt = cd_tensor(g, 0, BF, ss, sst, CD_VIRTUAL);
+        cd_pointwise(g, CUDNN_POINTWISE_SUB, F, s, stats, NULL, sm);
+        cd_pointwise(g, CUDNN_POINTWISE_EXP, F, sm, NULL, NULL, p);
+        cd_reshape(g, p, pt);
+        cd_matmul(g, pt, dout, dv);
+        // dS = P o (dO V^T - D) * scale; dK = dS^T Q, dQ = dS K
+        cudnnBackendDescriptor_t dp = cd_tensor(g, 0, F, ss, ssd, CD_VIRTUAL), dp1 = cd_tensor(g, 0, F, ss, ssd, CD_VIRTUAL);
+        cudnnBackendDescriptor_t dp2 = cd_tensor(g, 0, F, ss, ssd, CD_VIRTUAL), ds0 = cd_tensor(g, 0, F, ss, ssd, CD_VIRTUAL);
+        cudnnBackendDescriptor_t ds = cd_tensor(g, 0, F, ss, ssd, CD_VIRTUAL), dst = cd_tensor(g, 0, BF, ss, sst, CD_VIRTUAL);
+        cudnnBackendDescriptor_t k = cd_tensor(g, 0, BF, qd, qs, CD_VIRTUAL);
+        cd_matmul(g, dout, vt, dp);
+        cd_pointwise(g, CUDNN_POINTWISE_MUL, F, dp, onev, NULL, dp1);
+        cd_pointwise(g, CUDNN_POINTWISE_SUB, F, dp1, d, NULL, dp2);
+        cd_pointwise(g, CUDNN_POINTWISE_MUL, F, dp2, p, NULL, ds0);
+        cd_pointwise(g, CUDNN_POINTWISE_MUL, F, ds0, scale, NULL, ds);
+        cd_reshape(g, ds, dst);
+        cd_matmul(g, dst, q, dk);
+        cd_reshape(g, kt, k);
+        cd_matmul(g, ds, k, dq);
+    }
+    cudnnBackendDescriptor_t plan = NULL;
+    if (g->err_line == 0) {
+        cudnnBackendDescriptor_t og = cd_new(g, CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR);
+        CD_SET(g, og, CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, 1, &g_cudnn);
+        CD_SET(g, og, CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR, g->nops, g->ops);
+        CD_FIN(g, og);
+        cudnnBackendHeurMode_t modes[2] = {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_FALLBACK};
+        for (int mi = 0; mi < 2 && !plan && g->err_line == 0; mi++) {
+            cudnnBackendDescriptor_t heur = cd_new(g, CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR);
+            CD_SET(g, heur, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &og);
+            CD_SET(g, heur, CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &modes[mi]);
+            CD_FIN(g, heur);
+            int64_t n = 0;
+            if (g->err_line) break;
+            cd_ok(g, cudnnBackendGetAttribute(heur, CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, 0, &n, NULL), __LINE__);
+            if (n > 16) n = 16;
+            cudnnBackendDescriptor_t cfg[16];
+            for (int i = 0; i < n; i++) cfg[i] = cd_new(g, CUDNN_BACKEND_ENGINECFG_DESCRIPTOR);
+            if (n > 0) cd_ok(g, cudnnBackendGetAttribute(heur, CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, n, &n, cfg), __LINE__);
+            for (int i = 0; i < n && !plan && g->err_line == 0; i++) {
+                cudnnBackendDescriptor_t p = NULL;
+                if (cudnnBackendCreateDescriptor(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR, &p) != CUDNN_STATUS_SUCCESS) continue;
+                if (cudnnBackendSetAttribute(p, CUDNN_ATTR_EXECUTION_PLAN_HANDLE, CUDNN_TYPE_HANDLE, 1, &g_cudnn) == CUDNN_STATUS_SUCCESS &&
+                    cudnnBackendSetAttribute(p, CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &cfg[i]) == CUDNN_STATUS_SUCCESS &&
+                    cudnnBackendFinalize(p) == CUDNN_STATUS_SUCCESS) {
+                    int64_t n1 = 0;
+                    *ws = 0;
+                    cudnnBackendGetAttribute(p, CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, CUDNN_TYPE_INT64, 1, &n1, ws);
+                    plan = p;
+                } else {
+                    cudnnBackendDestroyDescriptor(p);
+                }
+            }
+        }
+    }
+    if (!plan) {
+        if (g->err_line) snprintf(why, why_len, "%s at train_gpt_hc.cu:%d", cudnnGetErrorString(g->err), g->err_line);
+        else snprintf(why, why_len, "no engine for the %s graph", bwd ? "backward" : "forward");
+        for (int i = 0; i < g->nd; i++) if (g->d[i]) cudnnBackendDestroyDescriptor(g->d[i]);
+        free(g);
+    }
+    return plan;   // on success the graph's descriptors stay alive with the plan (a handful per shape)
+}
+
+// plans by shape (training, validation and sampling use up to a few shapes)
+typedef struct { int B, T, NH, bwd; cudnnBackendDescriptor_t plan; int64_t ws; } SdpaPlan;
+static SdpaPlan g_sdpa_plans[16];
+static int g_sdpa_nplans;
+static cudnnBackendDescriptor_t sdpa_plan_for(int B, int T, int NH, int bwd, char *why, size_t why_len) {
+    for (int i = 0; i < g_sdpa_nplans; i++) {
+        SdpaPlan *p = &g_sdpa_plans[i];
+        if (p->B == B && p->T == T && p->NH == NH && p->bwd == bwd) return p->plan;
+    }
+    if (!g_cudnn) {
+        cudnnStatus_t s = cudnnCreate(&g_cudnn);
+        if (s != CUDNN_STATUS_SUCCESS) { snprintf(why, why_len, "cudnnCreate: %s", cudnnGetErrorString(s)); g_cudnn = NULL; return NULL; }
+    }
+    if (g_sdpa_nplans == 16) die("cuDNN attention: more than 16 (B, T) shapes in one run");
+    int64_t ws = 0;
+    cudnnBackendDescriptor_t plan = cudnn_sdpa_plan(B, T, NH, bwd, &ws, why, why_len);
+    if (!plan) return NULL;
+    if ((size_t)ws > g_cudnn_ws_size) {
+        if (g_cudnn_ws) cudaCheck(cudaFree(g_cudnn_ws));
+        g_cudnn_ws = dalloc<char>((size_t)ws);
+        g_cudnn_ws_size = (size_t)ws;
+    }
+    g_sdpa_plans[g_sdpa_nplans++] = (SdpaPlan){B, T, NH, bwd, plan, ws};
+    return plan;
+}
+
+static void sdpa_execute(cudnnBackendDescriptor_t plan, int n, const int64_t *uids, void *const *ptrs) {
+    cudnnBackendDescriptor_t vp;
+    cudnnCheck(cudnnBackendCreateDescriptor(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR, &vp));
+    cudnnCheck(cudnnBackendSetAttribute(vp, CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, n, uids));
+    cudnnCheck(cudnnBackendSetAttribute(vp, CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR, n, ptrs));
+    cudnnCheck(cudnnBackendSetAttribute(vp, CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, 1, &g_cudnn_ws));
+    cudnnCheck(cudnnBackendFinalize(vp));
+    cudnnCheck(cudnnBackendExecute(g_cudnn, plan, vp));
+    cudnnCheck(cudnnBackendDestroyDescriptor(vp));
+}
+
+// stats: per (b, h, t) row max + log(sum exp) of the scaled scores (natural log), the backward's state
+static void attention_forward_cudnn(floatX *out, float *stats, const floatX *qkv, int B, int T, int NH) {
+    ProfScope prof(PROF_ATTENTION);
+    char why[160];
+    cudnnBackendDescriptor_t plan = sdpa_plan_for(B, T, NH, 0, why, sizeof(why));
+    if (!plan) die("cuDNN attention: %s", why);
+    size_t C = (size_t)NH * 64;
+    int64_t uids[7] = {SD_Q, SD_K, SD_V, SD_O, SD_STATS, SD_SCALE, SD_LOWEST};
+    void *ptrs[7] = {(void *)qkv, (void *)(qkv + C), (void *)(qkv + 2 * C), out, stats, (void *)&sd_scale, (void *)&sd_lowest};
+    sdpa_execute(plan, 7, uids, ptrs);
+}
+
+static void attention_backward_cudnn(floatX *dqkv, const floatX *dout, const floatX *out, const float *stats, const floatX *qkv, int B, int T, int NH) {
+    ProfScope prof(PROF_ATTENTION);
+    char why[160];
+    cudnnBackendDescriptor_t plan = sdpa_plan_for(B, T, NH, 1, why, sizeof(why));
+    if (!plan) die("cuDNN attention backward: %s", why);
+    size_t C = (size_t)NH * 64;
+    int64_t uids[12] = {SD_Q, SD_K, SD_V, SD_O, SD_STATS, SD_SCALE, SD_LOWEST, SD_ONE, SD_DO, SD_DQ, SD_DK, SD_DV};
+    void *ptrs[12] = {(void *)qkv, (void *)(qkv + C), (void *)(qkv + 2 * C), (void *)out, (void *)stats, (void *)&sd_scale,
+                      (void *)&sd_lowest, (void *)&sd_one, (void *)dout, dqkv, dqkv + C, dqkv + 2 * C};
+    sdpa_execute(plan, 12, uids, ptrs);
+}
+#endif
+
+// attention implementation: cuDNN's fused SDPA (the BF16 default at head size 64), the mma.sync
+// flash kernels above (GPT_HC_ATTENTION=flash, or where cuDNN has no engine for the graph), or the
+// cuBLAS path (FP32 build, other head sizes, GPT_HC_ATTENTION=cublas)
+enum { ATTN_CUBLAS, ATTN_FLASH, ATTN_CUDNN };
+#if !defined(ENABLE_FP32)
+static int g_attn = -1, g_attn_sampling;
+#endif
+// the sampler runs B = 1 at every length 1..T: the flash kernels need no plan per shape
+static void attn_set_sampling(int on) {
+#if !defined(ENABLE_FP32)
+    g_attn_sampling = on;
 #else
-    static int forced = -1;
-    if (forced < 0) forced = getenv("GPT_HC_ATTENTION") && strcmp(getenv("GPT_HC_ATTENTION"), "cublas") == 0;
-    return !forced && C == NH * FA_HS;
+    (void)on;
+#endif
+}
+static int attn_impl(int C, int NH, int B, int T) {
+#if defined(ENABLE_FP32)
+    (void)C; (void)NH; (void)B; (void)T;
+    return ATTN_CUBLAS;
+#else
+    if (C != NH * FA_HS) return ATTN_CUBLAS;
+    if (g_attn < 0) {
+        const char *e = getenv("GPT_HC_ATTENTION");
+        if (!e || strcmp(e, "cudnn") == 0) g_attn = ATTN_CUDNN;
+        else if (strcmp(e, "flash") == 0) g_attn = ATTN_FLASH;
+        else if (strcmp(e, "cublas") == 0) g_attn = ATTN_CUBLAS;
+        else die("GPT_HC_ATTENTION must be cudnn, flash or cublas (got '%s')", e);
+        if (g_attn == ATTN_CUDNN) {   // probe once; without an engine, say so and use the flash kernels
+            char why[160];
+            if (!sdpa_plan_for(B, T, NH, 0, why, sizeof(why)) || !sdpa_plan_for(B, T, NH, 1, why, sizeof(why))) {
+                if (e) die("GPT_HC_ATTENTION=cudnn: %s", why);
+                fprintf(stderr, "note: cuDNN attention unavailable (%s); using the flash kernels\n", why);
+                g_attn = ATTN_FLASH;
+            }
+        }
+    }
+    return g_attn;
 #endif
 }
 
-// out = attention(qkv); the backward state is att (cuBLAS path: the probabilities) or lse (fused)
+// out = attention(qkv); the backward state is att (cuBLAS path: the probabilities) or lse (fused:
+// per-row log-sum-exp, base 2 for the flash kernels, natural for cuDNN)
 static void attention_forward(floatX *out, floatX *att, float *lse, const floatX *qkv, int B, int T, int C, int NH) {
 #if !defined(ENABLE_FP32)
-    if (use_flash(C, NH)) { attention_forward_flash(out, lse, qkv, B, T, NH); return; }
+    int impl = attn_impl(C, NH, B, T);
+    if (impl == ATTN_CUDNN && g_attn_sampling) impl = ATTN_FLASH;
+    if (impl == ATTN_CUDNN) { attention_forward_cudnn(out, lse, qkv, B, T, NH); return; }
+    if (impl == ATTN_FLASH) { attention_forward_flash(out, lse, qkv, B, T, NH); return; }
 #endif
     attention_forward_cublas(out, att, qkv, B, T, C, NH);
 }
@@ -1558,7 +1885,9 @@ static void attention_forward(floatX *out, floatX *att, float *lse, const floatX
 static void attention_backward(floatX *dqkv, const floatX *dout, const floatX *out, const floatX *att, const float *lse, const floatX *qkv,
                                int B, int T, int C, int NH) {
 #if !defined(ENABLE_FP32)
-    if (use_flash(C, NH)) { attention_backward_flash(dqkv, dout, out, lse, qkv, B, T, NH); return; }
+    int impl = attn_impl(C, NH, B, T);
+    if (impl == ATTN_CUDNN) { attention_backward_cudnn(dqkv, dout, out, lse, qkv, B, T, NH); return; }
+    if (impl == ATTN_FLASH) { attention_backward_flash(dqkv, dout, out, lse, qkv, B, T, NH); return; }
 #endif
     (void)out; (void)lse;
     attention_backward_cublas(dqkv, dout, qkv, att, B, T, C, NH);
@@ -1898,39 +2227,52 @@ __global__ void dhc_param_finish_kernel(float *dWa, float *dWb, float *dlnw, flo
     else dlnb[c] += acc;
 }
 
-// mhc (SPEC 2.3). Sinkhorn in fp32 by one thread per token; the backward recomputes the
-// iterations (see train_gpt_hc.c).
-// One half-iteration h of Sinkhorn-Knopp in registers: line a (entries a SA + b SB) divided by its
-// sum s[a]; with trace_s (for the backward) s[a] goes to trace_s[(h N + a) stride], so the threads
-// of a warp (consecutive tokens, stride = token count) touch consecutive addresses
-template <int N, int SA, int SB>
-__device__ __forceinline__ void sinkhorn_half(float *M, int h, float *trace_s, int stride) {
+// mhc (SPEC 2.3). Sinkhorn-Knopp in fp32 with one thread per matrix row: G (n rounded up to a power
+// of two) threads per token, so a warp holds 32 / G tokens. A row sum is a thread's own; a column sum
+// is a butterfly over the group (every lane gets the same bits: each addition pairs the same two
+// partial sums). One thread per token left 16k threads on the GPU, 4 warps per SM, each waiting out
+// the latency of a 40-half-step chain: 21 us per forward call, 37 per backward at n = 4.
+// The backward recomputes the iterations (see train_gpt_hc.c).
+template <int N> struct SkGroup { static constexpr int G = N <= 1 ? 1 : N <= 2 ? 2 : N <= 4 ? 4 : 8; };
+static int sk_group(int n) { return n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : 8; }
+
+// v[0..LEN) summed over the G threads of the group, every thread receiving the sums (all lanes of
+// the warp must take part)
+template <int N, int LEN = N>
+__device__ __forceinline__ void group_sum(float *v) {
 #pragma unroll
-    for (int a = 0; a < N; a++) {
-        float sum = 0.0f;
+    for (int o = 1; o < SkGroup<N>::G; o <<= 1)
 #pragma unroll
-        for (int b = 0; b < N; b++) sum += M[a * SA + b * SB];
-        float inv = 1.0f / sum;
+        for (int b = 0; b < LEN; b++) v[b] += __shfl_xor_sync(0xffffffff, v[b], o);
+}
+template <int N>
+__device__ __forceinline__ float group_max(float v) {
 #pragma unroll
-        for (int b = 0; b < N; b++) M[a * SA + b * SB] *= inv;
-        if (trace_s) trace_s[((size_t)h * N + a) * stride] = sum;
-    }
+    for (int o = 1; o < SkGroup<N>::G; o <<= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
 }
 
+// M: row a of exp(X - max) on entry (zeros on idle lanes), of the doubly stochastic result on exit.
+// Columns first, then rows, iters times. With S, thread a keeps the sum it owns per half-step at
+// S[h * stride]: column a's sum (h even) and row a's (h odd)
 template <int N>
-__device__ void sinkhorn_fwd_dev(float *out, const float *X, int iters, float *trace_s, int stride) {
-    constexpr int nn = N * N;
-    float M[nn], mx = -FLT_MAX;
-#pragma unroll
-    for (int q = 0; q < nn; q++) mx = fmaxf(mx, X[q]);
-#pragma unroll
-    for (int q = 0; q < nn; q++) M[q] = expf(X[q] - mx);
+__device__ void sinkhorn_rows(float *M, int a, bool live, int iters, float *S, int stride) {
     for (int it = 0; it < iters; it++) {
-        sinkhorn_half<N, 1, N>(M, 2 * it, trace_s, stride);       // columns: entry (b, a) at b n + a
-        sinkhorn_half<N, N, 1>(M, 2 * it + 1, trace_s, stride);   // rows: entry (a, b) at a n + b
-    }
+        float cs[N], mine = 0.0f;
 #pragma unroll
-    for (int q = 0; q < nn; q++) out[q] = M[q];
+        for (int b = 0; b < N; b++) cs[b] = live ? M[b] : 0.0f;
+        group_sum<N>(cs);
+#pragma unroll
+        for (int b = 0; b < N; b++) { M[b] *= 1.0f / cs[b]; mine = b == a ? cs[b] : mine; }
+        if (S && live) S[(size_t)(2 * it) * stride] = mine;
+        float rs = 0.0f;
+#pragma unroll
+        for (int b = 0; b < N; b++) rs += M[b];
+        float inv = 1.0f / rs;
+#pragma unroll
+        for (int b = 0; b < N; b++) M[b] *= inv;
+        if (S && live) S[(size_t)(2 * it + 1) * stride] = rs;
+    }
 }
 
 // rms of vec(H) per token, one warp each
@@ -1944,105 +2286,117 @@ __global__ void rms_kernel(float *rms, const floatX *H, int BT, int nC) {
     if (lane == 0) rms[bt] = sqrtf(ss / nC + 1e-6f);
 }
 
-// per token (one thread, so a warp works on 32 tokens): z = p / r from the GEMM's
-// p = vec(H) @ phi, the sigmoid gates and Sinkhorn-Knopp in fp32
+// per (token, row a): z = p / r from vec(H) @ phi, the sigmoid gates (entry a of pre and post) and
+// row a of Sinkhorn-Knopp, in fp32; grid over BT * G threads
 template <int N>
 __global__ void mhc_coeffs_forward_kernel(float *pre, float *post, float *res, const float *rms, float *z, const float *p,
                                           const float *bias, const float *alpha, int BT, int n_rt, int iters) {
-    constexpr int n = N, m = N * N + 2 * N;
-    int bt = blockIdx.x * blockDim.x + threadIdx.x;
-    if (bt >= BT) return;
-    float r = rms[bt], zs[m];
+    constexpr int n = N, m = N * N + 2 * N, G = SkGroup<N>::G;
+    int gt = blockIdx.x * blockDim.x + threadIdx.x, bt = gt / G, a = gt % G;
+    bool live = bt < BT && a < n;
+    float X[n], M[n], mx = -FLT_MAX;
+    if (live) {
+        const float *pp = p + (size_t)bt * m;
+        float *zz = z + (size_t)bt * m, r = rms[bt];
+        float z0 = pp[a] / r, z1 = pp[n + a] / r;
+        zz[a] = z0;
+        zz[n + a] = z1;
+        pre[(size_t)bt * n + a] = 1.0f / (1.0f + expf(-(alpha[0] * z0 + bias[a])));
+        post[(size_t)bt * n + a] = 2.0f / (1.0f + expf(-(alpha[1] * z1 + bias[n + a])));
 #pragma unroll
-    for (int k = 0; k < m; k++) { zs[k] = p[(size_t)bt * m + k] / r; z[(size_t)bt * m + k] = zs[k]; }
-#pragma unroll
-    for (int i = 0; i < n; i++) {
-        pre[(size_t)bt * n + i] = 1.0f / (1.0f + expf(-(alpha[0] * zs[i] + bias[i])));
-        post[(size_t)bt * n + i] = 2.0f / (1.0f + expf(-(alpha[1] * zs[n + i] + bias[n + i])));
+        for (int b = 0; b < n; b++) {
+            int q = 2 * n + a * n + b;
+            float zq = pp[q] / r;
+            zz[q] = zq;
+            X[b] = alpha[2] * zq + bias[q];
+            mx = fmaxf(mx, X[b]);
+        }
     }
-    float X[n * n];
+    mx = group_max<N>(mx);
 #pragma unroll
-    for (int q = 0; q < n * n; q++) X[q] = alpha[2] * zs[2 * n + q] + bias[2 * n + q];
-    float out[n * n];
-    sinkhorn_fwd_dev<N>(out, X, iters, NULL, 0);
+    for (int b = 0; b < n; b++) M[b] = live ? expf(X[b] - mx) : 0.0f;
+    sinkhorn_rows<N>(M, a, live, iters, NULL, 0);
+    if (live)
 #pragma unroll
-    for (int q = 0; q < n * n; q++) res[(size_t)bt * n * n + q] = out[q];
+        for (int b = 0; b < n; b++) res[(size_t)bt * n * n + a * n + b] = M[b];
 }
 
-// per token (one thread): logit gradients g through the gates and Sinkhorn (the iterations
-// recomputed, their line sums kept in work), dp = alpha g / r (fp32 and floatX, for the two
-// GEMMs), kx = dr / (nC r) for the rms term, and a row [g | g.z per alpha] for dbias/dalpha
-#define SK_MAX_ITERS 64
+// per (token, row a): logit gradients g through the gates and Sinkhorn (the iterations recomputed,
+// their line sums kept), dp = alpha g / r (floatX, for the dH pass), kx = dr / (nC r) for the rms
+// term, and a row [g | g.z per alpha] for dbias/dalpha; grid over BT * G threads
 static int g_sk_smem = 1;   // 0: the Sinkhorn sums of the backward in global memory even when they fit on chip (tests)
 template <int N>
 __global__ void mhc_coeffs_backward_kernel(floatX *dpx_out, float *kx_out, float *rows, const float *dpre, const float *dpost,
                                            const float *dres, const float *pre, const float *post, const float *rms, const float *z,
-                                           const float *bias, const float *alpha, int BT, int n_rt, int C, int iters, float *work, size_t work_per) {
-    constexpr int n = N;   // streams as a compile-time constant: loops unroll, arrays stay in registers
-    int bt = blockIdx.x * blockDim.x + threadIdx.x;
-    if (bt >= BT) return;
-    constexpr int m = n * n + 2 * n, nn = n * n;
-    const float *zz = z + (size_t)bt * m;
-    float r = rms[bt], g[m];
-    for (int i = 0; i < n; i++) {
-        float sg = pre[(size_t)bt * n + i], p2 = post[(size_t)bt * n + i];
-        g[i] = dpre[(size_t)bt * n + i] * sg * (1.0f - sg);
-        g[n + i] = dpost[(size_t)bt * n + i] * p2 * (1.0f - 0.5f * p2);
+                                           const float *bias, const float *alpha, int BT, int n_rt, int C, int iters, float *work) {
+    constexpr int n = N, m = n * n + 2 * n, nn = n * n, G = SkGroup<N>::G;
+    int gt = blockIdx.x * blockDim.x + threadIdx.x, bt = gt / G, a = gt % G;
+    bool live = bt < BT && a < n;
+    const float *zz = z + (size_t)(live ? bt : 0) * m;
+    float r = rms[live ? bt : 0], gpre = 0.0f, gpost = 0.0f, X[n], M[n], d[n], mx = -FLT_MAX;
+    if (live) {
+        float sg = pre[(size_t)bt * n + a], p2 = post[(size_t)bt * n + a];
+        gpre = dpre[(size_t)bt * n + a] * sg * (1.0f - sg);
+        gpost = dpost[(size_t)bt * n + a] * p2 * (1.0f - 0.5f * p2);
+#pragma unroll
+        for (int b = 0; b < n; b++) { X[b] = alpha[2] * zz[2 * n + a * n + b] + bias[2 * n + a * n + b]; mx = fmaxf(mx, X[b]); }
     }
-    float X[nn], M[nn], d[nn];
+    mx = group_max<N>(mx);
 #pragma unroll
-    for (int q = 0; q < nn; q++) X[q] = alpha[2] * zz[2 * n + q] + bias[2 * n + q];
-    // the forward again, keeping only each half-step's line sums (element e of this token at
-    // work[e * BT + bt], coalesced across the warp): walking back, the matrix before half-step h is
-    // the one after it with each line multiplied by its sum again, so no matrix is stored. (A trace
-    // of every matrix cost 3.3 KB per token at n = 4, written and read back: 74 us per sublayer.)
-    // The sums live in shared memory when they fit (work == NULL; 32-thread blocks), else in work:
-    // read back from global memory, each half-step of the backward waited on its loads (38 us per
-    // call at n = 4, 20 iterations).
+    for (int b = 0; b < n; b++) M[b] = live ? expf(X[b] - mx) : 0.0f;
+    // the forward again, keeping only each half-step's line sums: walking back, the matrix before
+    // half-step h is the one after it with each line multiplied by its sum again, so no matrix is
+    // stored. Thread j of a group keeps column j's and row j's sums; the sums live in shared memory
+    // when they fit (work == NULL), else in work (coalesced: consecutive threads, consecutive floats)
     extern __shared__ float sk_sums[];
-    float *S = work ? work + bt : sk_sums + threadIdx.x;
-    int stride = work ? BT : blockDim.x;
-    sinkhorn_fwd_dev<N>(M, X, iters, S, stride);
+    float *S = work ? work + gt : sk_sums + threadIdx.x;
+    int stride = work ? gridDim.x * blockDim.x : blockDim.x;
+    sinkhorn_rows<N>(M, a, live, iters, S, stride);
+    __syncwarp();   // the group reads each other's column sums below
+    const float *Sg = S - a;
 #pragma unroll
-    for (int q = 0; q < nn; q++) d[q] = dres[(size_t)bt * nn + q];
+    for (int b = 0; b < n; b++) d[b] = live ? dres[(size_t)bt * nn + a * n + b] : 0.0f;
     for (int h = 2 * iters - 1; h >= 0; h--) {   // M holds the matrix after half-step h
-        float sv[n], iv[n];   // one reciprocal per line: n^2 IEEE divisions per half-step dominated this kernel
+        if (h % 2) {   // a row normalization: this thread's row
+            float sv = live ? S[(size_t)h * stride] : 1.0f, iv = 1.0f / sv, dot = 0.0f;
 #pragma unroll
-        for (int a = 0; a < n; a++) { sv[a] = S[((size_t)h * n + a) * stride]; iv[a] = 1.0f / sv[a]; }
-        if (h % 2) {   // a row normalization
+            for (int b = 0; b < n; b++) dot += d[b] * M[b];
 #pragma unroll
-            for (int a = 0; a < n; a++) {
-                float dot = 0.0f;
+            for (int b = 0; b < n; b++) { d[b] = (d[b] - dot) * iv; M[b] *= sv; }
+        } else {       // a column normalization: the dots over each column, summed over the group
+            float dot[n];
 #pragma unroll
-                for (int b = 0; b < n; b++) dot += d[a * n + b] * M[a * n + b];
+            for (int b = 0; b < n; b++) dot[b] = live ? d[b] * M[b] : 0.0f;
+            group_sum<N>(dot);
 #pragma unroll
-                for (int b = 0; b < n; b++) { d[a * n + b] = (d[a * n + b] - dot) * iv[a]; M[a * n + b] *= sv[a]; }
-            }
-        } else {       // a column normalization
-#pragma unroll
-            for (int a = 0; a < n; a++) {
-                float dot = 0.0f;
-#pragma unroll
-                for (int b = 0; b < n; b++) dot += d[b * n + a] * M[b * n + a];
-#pragma unroll
-                for (int b = 0; b < n; b++) { d[b * n + a] = (d[b * n + a] - dot) * iv[a]; M[b * n + a] *= sv[a]; }
+            for (int b = 0; b < n; b++) {
+                float sv = live ? Sg[(size_t)h * stride + b] : 1.0f;
+                d[b] = (d[b] - dot[b]) * (1.0f / sv);
+                M[b] *= sv;
             }
         }
     }
+    // this thread's entries: pre a, post a and row a of res (g = d o M, M = exp(X - max))
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};   // dr, then sum g z per alpha
+    if (live) {
+        float *row = rows + (size_t)bt * (m + 3);
+        floatX *dpx = dpx_out + (size_t)bt * m;
 #pragma unroll
-    for (int q = 0; q < nn; q++) g[2 * n + q] = d[q] * M[q];   // M = exp(X - max)
-    float dr = 0.0f, ga[3] = {0, 0, 0};
-    float *row = rows + (size_t)bt * (m + 3);
-    for (int k = 0; k < m; k++) {
-        int w = k < n ? 0 : k < 2 * n ? 1 : 2;
-        float dz = alpha[w] * g[k];
-        dpx_out[(size_t)bt * m + k] = tox(dz / r);
-        dr -= dz * zz[k] / r;
-        row[k] = g[k];
-        ga[w] += g[k] * zz[k];
+        for (int e = 0; e < n + 2; e++) {
+            int k = e == 0 ? a : e == 1 ? n + a : 2 * n + a * n + (e - 2), w = e < 2 ? e : 2;
+            float g = e == 0 ? gpre : e == 1 ? gpost : d[e - 2] * M[e - 2], dz = alpha[w] * g;
+            dpx[k] = tox(dz / r);
+            acc[0] -= dz * zz[k] / r;
+            row[k] = g;
+            acc[1 + w] += g * zz[k];
+        }
     }
-    for (int w = 0; w < 3; w++) row[m + w] = ga[w];
-    kx_out[bt] = dr / ((float)(n * C) * r);   // d r / d x = x / (nC r)
+    group_sum<N, 4>(acc);
+    if (live && a == 0) {
+        float *row = rows + (size_t)bt * (m + 3);
+        for (int w = 0; w < 3; w++) row[m + w] = acc[1 + w];
+        kx_out[bt] = acc[0] / ((float)(n * C) * r);   // d r / d x = x / (nC r)
+    }
 }
 
 // dH += kx[token] * H (the rms term of dx); grid (tokens, chunks of nC), 16-byte accesses
@@ -2563,7 +2917,7 @@ typedef struct {
 // slots: stored stream states H^k (K + 1 without recomputation, see hstate)
 static void fill_activation_sizes(size_t *sx, size_t *sf, const GPTHCConfig *c, int B, int T, int slots) {
     size_t BT = (size_t)B * T, C = c->channels, L = c->num_layers, K = 2 * L, n = c->n, NH = c->num_heads, Vp = c->padded_vocab_size;
-    int hc = c->mode != MODE_RESIDUAL, dhc = c->mode == MODE_DHC, mhc = c->mode == MODE_MHC, fa = use_flash((int)C, (int)NH);
+    int hc = c->mode != MODE_RESIDUAL, dhc = c->mode == MODE_DHC, mhc = c->mode == MODE_MHC, fa = attn_impl((int)C, (int)NH, B, T) != ATTN_CUBLAS;
     size_t x[NUM_ACTX] = {(size_t)slots * BT * n * C, hc ? K * BT * C : 0, K * BT * C, K * BT * C, L * BT * 3 * C, L * BT * C,
                           fa ? 0 : L * B * NH * T * T, L * BT * 4 * C, L * BT * 4 * C, BT * C, BT * C, BT * Vp};
     size_t f[NUM_ACTF] = {K * BT, K * BT, hc ? K * BT * n : 0, hc ? K * BT * n : 0, hc ? K * BT * n * n : 0,
@@ -2864,7 +3218,7 @@ static void hc_coeffs_forward(GPTHC *model, int k, const floatX *Hk, int BT) {
             rms_kernel<<<ceil_div(BT, 4), 128>>>(a->mhc_rms + (size_t)k * BT, Hk, BT, nC);
             kernelCheck();
         }
-        DISPATCH_N(n, mhc_coeffs_forward_kernel, ceil_div(BT, 128), 128, pre, post, res, a->mhc_rms + (size_t)k * BT,
+        DISPATCH_N(n, mhc_coeffs_forward_kernel, ceil_div((size_t)BT * sk_group(n), 128), 128, pre, post, res, a->mhc_rms + (size_t)k * BT,
                    a->mhc_z + (size_t)k * BT * m, pbuf, p->mhc_bias + (size_t)k * m, p->mhc_alpha + k * 3, BT, n, c->sinkhorn_iters);
     }
     kernelCheck();
@@ -2937,16 +3291,17 @@ static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *H
         kernelCheck();
     } else {
         int nC = n * C, iters = c->sinkhorn_iters;
-        size_t work_per = (size_t)2 * iters * n;   // the Sinkhorn line sums
-        size_t smem = work_per * 32 * sizeof(float);
-        float *work = smem <= 48 * 1024 && g_sk_smem ? NULL : (float *)dscratch(0, (size_t)BT * work_per * sizeof(float));
+        // the Sinkhorn line sums: 2 iters floats per thread, on chip in 64-thread blocks when they fit
+        size_t threads = (size_t)BT * sk_group(n), smem = (size_t)2 * iters * 64 * sizeof(float);
+        int on_chip = smem <= 48 * 1024 && g_sk_smem, block = on_chip ? 64 : 128;
+        unsigned grid = ceil_div(threads, block);
+        float *work = on_chip ? NULL : (float *)dscratch(0, (size_t)grid * block * 2 * iters * sizeof(float));
         float *kx = (float *)dscratch(1, (size_t)BT * sizeof(float));
         float *rows = (float *)dscratch(2, (size_t)BT * (m + 3) * sizeof(float) + (size_t)BT * m * sizeof(floatX) + 256);
         floatX *dpx = (floatX *)(rows + (size_t)BT * (m + 3));
-        DISPATCH_N_SMEM(n, mhc_coeffs_backward_kernel, work ? ceil_div(BT, 128) : ceil_div(BT, 32), work ? 128 : 32, work ? 0 : smem,
-                        dpx, kx, rows, dpre, dpost, dres, a->pre + o1, a->post + o1,
-                                                             a->mhc_rms + (size_t)k * BT, a->mhc_z + (size_t)k * BT * m,
-                                                             p->mhc_bias + (size_t)k * m, p->mhc_alpha + k * 3, BT, n, C, iters, work, work_per);
+        DISPATCH_N_SMEM(n, mhc_coeffs_backward_kernel, grid, block, on_chip ? smem : 0, dpx, kx, rows, dpre, dpost, dres, a->pre + o1,
+                        a->post + o1, a->mhc_rms + (size_t)k * BT, a->mhc_z + (size_t)k * BT * m, p->mhc_bias + (size_t)k * m,
+                        p->mhc_alpha + k * 3, BT, n, C, iters, work);
         kernelCheck();
         const float one = 1.0f;
         const floatX *phix = px(model, P_MHC_PHI) + (size_t)k * nC * m;
@@ -3336,6 +3691,7 @@ void gpt_sample(GPTHC *model, const Tokenizer *tok, uint64_t *rng, int gen_token
     if (eot >= V) eot = 0;
     toks[0] = eot;
     printf("generating:\n---\n");
+    attn_set_sampling(1);
     for (int t = 1; t < gen_tokens; t++) {
         gpt_forward(model, toks, NULL, 1, t);
         float *probs = floatx_to_host(model->acts.logits + (size_t)(t - 1) * Vp, Vp), mx = -FLT_MAX;
@@ -3349,6 +3705,7 @@ void gpt_sample(GPTHC *model, const Tokenizer *tok, uint64_t *rng, int gen_token
         fflush(stdout);
     }
     printf("\n---\n");
+    attn_set_sampling(0);
     free(toks);
 }
 

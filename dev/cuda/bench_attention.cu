@@ -8,8 +8,10 @@ Attention variants side by side (issue 4), correctness first, then timing with C
      attention_forward_flash/attention_backward_flash of train_gpt_hc.cu (its BF16 path), 4 warps
      (64 rows) per block;
   4. as 3 with 8 warps (128 rows) per block: each K/V (Q/dO) tile loaded to shared memory
-     serves twice the rows.
-Variants 2-4 are checked against variant 1 (itself checked against PyTorch and the CPU
+     serves twice the rows;
+  5. cuDNN's fused SDPA through the backend graph API: attention_forward_cudnn/
+     attention_backward_cudnn of train_gpt_hc.cu (its BF16 default).
+Variants 2-5 are checked against variant 1 (itself checked against PyTorch and the CPU
 trainer by make test-cuda) on fresh random inputs: output, dq, dk, dv, at the timed size and at a
 ragged T (not a multiple of 64).
     make dev/cuda/bench_attention && ./dev/cuda/bench_attention [B T NH]   (default 16 1024 12)
@@ -241,21 +243,23 @@ static void wmma_backward(floatX *dqkv, float *D, const floatX *dout, const floa
 }
 
 
-#define NVAR 4
-static const char *VAR_NAMES[NVAR] = {"1: cuBLAS + softmax", "2: fused, WMMA", "3: mma.sync, 4 warps", "4: mma.sync, 8 warps"};
+#define NVAR 5
+static const char *VAR_NAMES[NVAR] = {"1: cuBLAS + softmax", "2: fused, WMMA", "3: mma.sync, 4 warps", "4: mma.sync, 8 warps", "5: cuDNN SDPA"};
 
 static void run_forward(int v, floatX *out, floatX *att, float *lse, const floatX *qkv, int B, int T, int NH) {
     if (v == 0) attention_forward_cublas(out, att, qkv, B, T, NH * 64, NH);
     else if (v == 1) wmma_forward(out, lse, qkv, B, T, NH);
     else if (v == 2) attention_forward_flash<4>(out, lse, qkv, B, T, NH);
-    else attention_forward_flash<8>(out, lse, qkv, B, T, NH);
+    else if (v == 3) attention_forward_flash<8>(out, lse, qkv, B, T, NH);
+    else attention_forward_cudnn(out, lse, qkv, B, T, NH);
 }
 static void run_backward(int v, floatX *dqkv, float *D, const floatX *dout, const floatX *out, const floatX *att, const float *lse,
                          const floatX *qkv, int B, int T, int NH) {
     if (v == 0) attention_backward_cublas(dqkv, dout, qkv, att, B, T, NH * 64, NH);
     else if (v == 1) wmma_backward(dqkv, D, dout, out, lse, qkv, B, T, NH);
     else if (v == 2) attention_backward_flash<4>(dqkv, dout, out, lse, qkv, B, T, NH);
-    else attention_backward_flash<8>(dqkv, dout, out, lse, qkv, B, T, NH);
+    else if (v == 3) attention_backward_flash<8>(dqkv, dout, out, lse, qkv, B, T, NH);
+    else attention_backward_cudnn(dqkv, dout, out, lse, qkv, B, T, NH);
 }
 
 static void fill_random(floatX *d, size_t n, uint64_t *rng) {
