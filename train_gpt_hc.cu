@@ -409,8 +409,8 @@ static void gpt_multi_init(int *world, int *rank, int gpus_per_node, const char 
 // ----------------------------------------------------------------------------
 // scratch device memory (grown on demand)
 
-static void *g_dscratch[4];
-static size_t g_dscratch_size[4];
+static void *g_dscratch[5];   // slot 4: the side stream's (see matmul_backward)
+static size_t g_dscratch_size[5];
 static void *dscratch(int slot, size_t bytes) {
     if (g_dscratch_size[slot] < bytes) {
         if (g_dscratch[slot]) cudaCheck(cudaFree(g_dscratch[slot]));
@@ -478,24 +478,24 @@ __global__ void colsum_partial_vec_kernel(float *partial, const floatX *x, int R
 }
 
 template <typename T>
-static void colsum(float *out, const T *x, int R, int Ccols) {
+static void colsum(float *out, const T *x, int R, int Ccols, cudaStream_t stream = 0, int slot = 3) {
     if (std::is_same<T, floatX>::value && Ccols % X128 == 0) {
         int chunk = (R + COLSUM_VCHUNKS - 1) / COLSUM_VCHUNKS;
-        float *partial = (float *)dscratch(3, (size_t)COLSUM_VCHUNKS * Ccols * sizeof(float));
-        colsum_partial_vec_kernel<<<dim3(ceil_div(Ccols / X128, 128), COLSUM_VCHUNKS), 128>>>(partial, (const floatX *)x, R, Ccols, chunk);
+        float *partial = (float *)dscratch(slot, (size_t)COLSUM_VCHUNKS * Ccols * sizeof(float));
+        colsum_partial_vec_kernel<<<dim3(ceil_div(Ccols / X128, 128), COLSUM_VCHUNKS), 128, 0, stream>>>(partial, (const floatX *)x, R, Ccols, chunk);
         kernelCheck();
-        colsum_finish_kernel<<<ceil_div(Ccols, 32), dim3(32, COLSUM_FY)>>>(out, partial, Ccols, COLSUM_VCHUNKS);
+        colsum_finish_kernel<<<ceil_div(Ccols, 32), dim3(32, COLSUM_FY), 0, stream>>>(out, partial, Ccols, COLSUM_VCHUNKS);
         kernelCheck();
         return;
     }
     // narrow matrices (the HC per-token rows) get more chunks, so enough threads stream them
     int nchunks = Ccols >= 256 ? COLSUM_CHUNKS : 1024, chunk = (R + nchunks - 1) / nchunks;
     nchunks = (R + chunk - 1) / chunk;
-    float *partial = (float *)dscratch(3, (size_t)nchunks * Ccols * sizeof(float));
+    float *partial = (float *)dscratch(slot, (size_t)nchunks * Ccols * sizeof(float));
     int threads = Ccols >= 256 ? 256 : (Ccols + 31) / 32 * 32;
-    colsum_partial_kernel<<<dim3(ceil_div(Ccols, threads), nchunks), threads>>>(partial, x, R, Ccols, chunk);
+    colsum_partial_kernel<<<dim3(ceil_div(Ccols, threads), nchunks), threads, 0, stream>>>(partial, x, R, Ccols, chunk);
     kernelCheck();
-    colsum_finish_kernel<<<ceil_div(Ccols, 32), dim3(32, COLSUM_FY)>>>(out, partial, Ccols, nchunks);
+    colsum_finish_kernel<<<ceil_div(Ccols, 32), dim3(32, COLSUM_FY), 0, stream>>>(out, partial, Ccols, nchunks);
     kernelCheck();
 }
 
@@ -1041,13 +1041,49 @@ static void matmul_forward(floatX *out, const floatX *inp, const floatX *w, cons
 // dW += dout^T @ inp (fp32); dbias += column sums of dout
 // dw += inp^T dout (dw_beta 1), or dw = inp^T dout (dw_beta 0)
 // alpha scales dout (the classifier's unscaled dlogits)
+// The weight and bias gradients go to a side stream once dinp is computed: nothing on the main
+// stream waits for them until the next sublayer's backward reuses the gradient buffers they read
+// (side_join), so the compute-bound GEMM runs beside the memory-bound LayerNorm, attention and HC
+// kernels that follow. Same operations, same order per gradient: results are unchanged.
+static cudaStream_t g_side;
+static cublasHandle_t g_cublas_side;
+static cudaEvent_t g_side_ready, g_side_done;
+static int g_side_on = -1;
+static int side_on(void) {
+    if (g_side_on < 0) {   // GPT_HC_SIDE_STREAM=0 turns it off; the profile's time split needs one stream
+        const char *e = getenv("GPT_HC_SIDE_STREAM");
+        g_side_on = !(e && atoi(e) == 0) && !prof_on();
+        if (g_side_on) {
+            cudaCheck(cudaStreamCreateWithFlags(&g_side, cudaStreamNonBlocking));
+            cudaCheck(cudaEventCreateWithFlags(&g_side_ready, cudaEventDisableTiming));
+            cudaCheck(cudaEventCreateWithFlags(&g_side_done, cudaEventDisableTiming));
+            cublasCheck(cublasCreate(&g_cublas_side));
+            cublasCheck(cublasSetStream(g_cublas_side, g_side));
+#if defined(ENABLE_FP32)
+            cublasCheck(cublasSetMathMode(g_cublas_side, CUBLAS_PEDANTIC_MATH));   // as g_cublas: no TF32
+#endif
+        }
+    }
+    return g_side_on;
+}
+// the main stream waits for everything handed to the side stream so far
+static void side_join(void) {
+    if (g_side_on > 0) cudaCheck(cudaStreamWaitEvent(0, g_side_done, 0));
+}
+
 static void matmul_backward(floatX *dinp, float *dw, float *dbias, const floatX *dout, const floatX *inp, const floatX *w,
                             int BT, int C, int OC, floatX *pre_gelu = NULL, float dw_beta = 1.0f, float alpha = 1.0f) {
     ProfScope prof(PROF_MATMUL);
     matmul_lt(dinp, w, dout, NULL, pre_gelu, C, BT, OC, false, false, pre_gelu ? CUBLASLT_EPILOGUE_DGELU : CUBLASLT_EPILOGUE_DEFAULT, alpha);
-    cublasCheck(cublasGemmEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, BT, &alpha, inp, CUBLAS_X, C, dout, CUBLAS_X, OC,
+    int side = side_on();
+    if (side) {
+        cudaCheck(cudaEventRecord(g_side_ready, 0));
+        cudaCheck(cudaStreamWaitEvent(g_side, g_side_ready, 0));
+    }
+    cublasCheck(cublasGemmEx(side ? g_cublas_side : g_cublas, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, BT, &alpha, inp, CUBLAS_X, C, dout, CUBLAS_X, OC,
                              &dw_beta, dw, CUDA_R_32F, C, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    if (dbias != NULL) colsum(dbias, dout, BT, OC);
+    if (dbias != NULL) colsum(dbias, dout, BT, OC, side ? g_side : 0, side ? 4 : 3);
+    if (side) cudaCheck(cudaEventRecord(g_side_done, g_side));
 }
 
 // attention: q k^T batched, masked softmax, att v batched; att kept for the backward
@@ -3439,6 +3475,7 @@ void gpt_backward(GPTHC *model, float loss_scale, int last) {
     kernelCheck();
     int Lr = gpt_recompute(model);
     for (int k = K - 1; k >= 0; k--) {
+        if (k < K - 1) side_join();   // sublayer k + 1's weight gradients read buffers this one rewrites
         if (Lr > 1 && (k == K - 1 || k % Lr == Lr - 1)) {   // entering block [k0, k]: recompute its inner states
             ProfScope prof(PROF_HC);
             for (int j = k - k % Lr; j < k; j++)
@@ -3467,8 +3504,12 @@ void gpt_backward(GPTHC *model, float loss_scale, int last) {
             }
             hc_coeffs_backward(model, k, dHk, Hk, du, BT);
         }
-        if (last && g_multi.world > 1 && k % 2 == 0 && overlap_on()) reduce_layer_grads(model, k / 2);   // layer k/2 is done
+        if (last && g_multi.world > 1 && k % 2 == 0 && overlap_on()) {   // layer k/2 is done
+            side_join();
+            reduce_layer_grads(model, k / 2);
+        }
     }
+    side_join();
     // bucket the positions by token id (counting sort, stable; distinct tokens in order of first
     // appearance), then cut the buckets into chunks of at most WTE_CHUNK positions
     int *cnt = model->bucket_count, *hb = model->host_buckets, nu = 0;
