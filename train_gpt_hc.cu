@@ -1042,12 +1042,12 @@ static void matmul_forward(floatX *out, const floatX *inp, const floatX *w, cons
 // dw += inp^T dout (dw_beta 1), or dw = inp^T dout (dw_beta 0)
 // alpha scales dout (the classifier's unscaled dlogits)
 // The weight and bias gradients go to a side stream once dinp is computed: nothing on the main
-// stream waits for them until the next sublayer's backward reuses the gradient buffers they read
-// (side_join), so the compute-bound GEMM runs beside the memory-bound LayerNorm, attention and HC
-// kernels that follow. Same operations, same order per gradient: results are unchanged.
+// stream waits for them until a later sublayer's backward rewrites the gradient buffers they read
+// (side_mark/side_wait in gpt_backward), so the compute-bound GEMMs run beside the memory-bound
+// LayerNorm, attention and HC kernels. Same operations, same order per gradient: same results.
 static cudaStream_t g_side;
 static cublasHandle_t g_cublas_side;
-static cudaEvent_t g_side_ready, g_side_done;
+static cudaEvent_t g_side_ready, g_side_ev[2];
 static int g_side_on = -1;
 static int side_on(void) {
     if (g_side_on < 0) {   // GPT_HC_SIDE_STREAM=0 turns it off; the profile's time split needs one stream
@@ -1056,7 +1056,7 @@ static int side_on(void) {
         if (g_side_on) {
             cudaCheck(cudaStreamCreateWithFlags(&g_side, cudaStreamNonBlocking));
             cudaCheck(cudaEventCreateWithFlags(&g_side_ready, cudaEventDisableTiming));
-            cudaCheck(cudaEventCreateWithFlags(&g_side_done, cudaEventDisableTiming));
+            for (int i = 0; i < 2; i++) cudaCheck(cudaEventCreateWithFlags(&g_side_ev[i], cudaEventDisableTiming));
             cublasCheck(cublasCreate(&g_cublas_side));
             cublasCheck(cublasSetStream(g_cublas_side, g_side));
 #if defined(ENABLE_FP32)
@@ -1066,9 +1066,13 @@ static int side_on(void) {
     }
     return g_side_on;
 }
-// the main stream waits for everything handed to the side stream so far
-static void side_join(void) {
-    if (g_side_on > 0) cudaCheck(cudaStreamWaitEvent(0, g_side_done, 0));
+// side_mark(s): event s marks the side-stream work handed over so far; side_wait(s): the main
+// stream waits for it
+static void side_mark(int s) {
+    if (g_side_on > 0) cudaCheck(cudaEventRecord(g_side_ev[s], g_side));
+}
+static void side_wait(int s) {
+    if (g_side_on > 0) cudaCheck(cudaStreamWaitEvent(0, g_side_ev[s], 0));
 }
 
 static void matmul_backward(floatX *dinp, float *dw, float *dbias, const floatX *dout, const floatX *inp, const floatX *w,
@@ -1083,7 +1087,6 @@ static void matmul_backward(floatX *dinp, float *dw, float *dbias, const floatX 
     cublasCheck(cublasGemmEx(side ? g_cublas_side : g_cublas, CUBLAS_OP_N, CUBLAS_OP_T, C, OC, BT, &alpha, inp, CUBLAS_X, C, dout, CUBLAS_X, OC,
                              &dw_beta, dw, CUDA_R_32F, C, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     if (dbias != NULL) colsum(dbias, dout, BT, OC, side ? g_side : 0, side ? 4 : 3);
-    if (side) cudaCheck(cudaEventRecord(g_side_done, g_side));
 }
 
 // attention: q k^T batched, masked softmax, att v batched; att kept for the backward
@@ -2969,7 +2972,7 @@ static void fill_activation_sizes(size_t *sx, size_t *sf, const GPTHCConfig *c, 
 static void fill_grad_activation_sizes(size_t *sx, size_t *sf, const GPTHCConfig *c, int B, int T) {
     size_t BT = (size_t)B * T, C = c->channels, n = c->n, Vp = c->padded_vocab_size;
     int hc = c->mode != MODE_RESIDUAL;
-    size_t x[NUM_ACTX] = {2 * BT * n * C, hc ? BT * C : 0, hc ? BT * C : 0, BT * C, BT * 3 * C, BT * C, 0, BT * 4 * C, 0, BT * C, BT * C, BT * Vp};
+    size_t x[NUM_ACTX] = {2 * BT * n * C, hc ? BT * C : 0, hc ? 2 * BT * C : 0, BT * C, BT * 3 * C, BT * C, 0, BT * 4 * C, 0, BT * C, BT * C, BT * Vp};
     size_t f[NUM_ACTF] = {0, 0, hc ? BT * n : 0, hc ? BT * n : 0, hc ? BT * n * n : 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
     memcpy(sx, x, sizeof(x));
     memcpy(sf, f, sizeof(f));
@@ -3474,8 +3477,14 @@ void gpt_backward(GPTHC *model, float loss_scale, int last) {
     stream_sum_backward_kernel<<<dim3(BT, ceil_div(C, 256)), 256>>>(ga->H + (K % 2) * S, ga->hsum, BT, n, C);
     kernelCheck();
     int Lr = gpt_recompute(model);
+    // Side-stream hazards: sublayer j's weight gradients read its dy and its dfch or dqkv. In the HC
+    // modes dy alternates between two buffers and attention and MLP sublayers alternate, so sublayer
+    // k first rewrites what sublayer k + 2 read; in residual mode dy is the state gradient dH^{j+1},
+    // whose slot sublayer k's LayerNorm backward rewrites at k = j - 1.
+    int hc = c->mode != MODE_RESIDUAL;
     for (int k = K - 1; k >= 0; k--) {
-        if (k < K - 1) side_join();   // sublayer k + 1's weight gradients read buffers this one rewrites
+        if (!hc && k < K - 1) side_wait((k + 1) % 2);
+        if (hc && k < K - 2) side_wait(k % 2);
         if (Lr > 1 && (k == K - 1 || k % Lr == Lr - 1)) {   // entering block [k0, k]: recompute its inner states
             ProfScope prof(PROF_HC);
             for (int j = k - k % Lr; j < k; j++)
@@ -3487,7 +3496,7 @@ void gpt_backward(GPTHC *model, float loss_scale, int last) {
         if (c->mode == MODE_RESIDUAL) {
             sublayer_backward(model, k, dHk, dHn, Hk, B, T, dHn);   // dH^k = dH^{k+1} + du
         } else {
-            floatX *u = a->u + k * BT * C, *du = ga->u, *dy = ga->y;
+            floatX *u = a->u + k * BT * C, *du = ga->u, *dy = ga->y + (k % 2) * BT * C;   // two dy buffers: see side_wait
             size_t o1 = k * BT * n, o2 = k * BT * n * n;
             {
                 ProfScope prof(PROF_HC);
@@ -3504,12 +3513,13 @@ void gpt_backward(GPTHC *model, float loss_scale, int last) {
             }
             hc_coeffs_backward(model, k, dHk, Hk, du, BT);
         }
+        side_mark(k % 2);   // everything sublayer k handed to the side stream
         if (last && g_multi.world > 1 && k % 2 == 0 && overlap_on()) {   // layer k/2 is done
-            side_join();
+            side_wait(k % 2);
             reduce_layer_grads(model, k / 2);
         }
     }
-    side_join();
+    side_wait(0);
     // bucket the positions by token id (counting sort, stable; distinct tokens in order of first
     // appearance), then cut the buckets into chunks of at most WTE_CHUNK positions
     int *cnt = model->bucket_count, *hb = model->host_buckets, nu = 0;
