@@ -2542,6 +2542,173 @@ __global__ void __launch_bounds__(128) mhc_proj_forward_kernel(float *p, float *
     }
 }
 
+// Boundary fusion (issue 5): the post-mix of sublayer k and the x @ phi of sublayer k + 1 (mHC's,
+// or dHC's block-diagonal one) in one pass over the streams. A block owns 32 tokens and walks the
+// C channels in chunks of 64; per chunk it loads the n stream tiles of H^k, the tile of y and the n
+// matching 64-row chunks of phi (cp.async, double-buffered), forms H^{k+1}_i = post_i y + sum_j
+// res_ij H_j in place (the post-mix kernel's arithmetic, so the same bf16 values), stores them, and
+// feeds them to the tensor cores as the A operand of the projection; the rms (mhc) or the per-stream
+// mean and rstd (dhc) come from the same fragments. Warps 0-1 take streams [0, n/2) of their 16
+// tokens, warps 2-3 the rest; their products are added at the end. H^{k+1} is not read back for the
+// projection. n = 2, 4 (shared memory). 64-token blocks (1 block per SM) were slower than the two
+// kernels apart; 32 tokens keep 3 blocks and their loads in flight per SM.
+#define PM_TOK 32
+template <int N>
+struct PmShape {
+    static constexpr int m = N * N + 2 * N, MT = m / 8 > 0 ? m / 8 : 1, PLD = 8 * (MT | 1), NC = N * N + N;
+    static constexpr int STAGE = (N + 1) * PM_TOK * MP_LD + N * 64 * PLD;   // n H tiles + the y tile, n phi chunks (bf16 elements)
+    static constexpr int SMEM = 2 * STAGE * (int)sizeof(floatX) + PM_TOK * NC * (int)sizeof(float);   // + res and post per token
+};
+template <int N, bool DHC>
+__global__ void __launch_bounds__(128) hc_postmix_proj_kernel(floatX *Hout, float *p, float *rms, float *rstd, const floatX *H,
+                                                              const floatX *y, const float *post, const float *res, const floatX *phi,
+                                                              int BT, int C) {
+    using S = PmShape<N>;
+    constexpr int m = S::m, MT = S::MT, PLD = S::PLD, NC = S::NC, NH = N / 2;
+    extern __shared__ __align__(16) unsigned char pm_smem[];
+    floatX *tiles = reinterpret_cast<floatX *>(pm_smem);
+    float *coef = reinterpret_cast<float *>(pm_smem + 2 * S::STAGE * sizeof(floatX));   // per token: res (row-major), post
+    auto Hs = [&](int b, int j) { return tiles + b * S::STAGE + j * PM_TOK * MP_LD; };  // j = N: the y tile
+    auto Ps = [&](int b, int i) { return tiles + b * S::STAGE + (N + 1) * PM_TOK * MP_LD + i * 64 * PLD; };
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t0 = blockIdx.x * PM_TOK, nchunk = C / 64, nC = N * C;
+    int rw = (warp % 2) * 16, s0 = (warp / 2) * NH;   // this warp's 16 tokens and first stream
+    auto load = [&](int b, int cc) {
+        if (cc < nchunk) {
+#pragma unroll
+            for (int j = 0; j < N; j++) fa_load_tile<PM_TOK>(Hs(b, j), H + (size_t)t0 * nC + (size_t)j * C + cc * 64, BT - t0, nC);
+            fa_load_tile<PM_TOK>(Hs(b, N), y + (size_t)t0 * C + cc * 64, BT - t0, C);
+#pragma unroll
+            for (int i = 0; i < N; i++)
+                for (int e = threadIdx.x; e < 64 * MT; e += blockDim.x)
+                    cp_async16(Ps(b, i) + (e / MT) * PLD + (e % MT) * 8, phi + ((size_t)i * C + cc * 64 + e / MT) * m + (e % MT) * 8, true);
+        }
+        cp_async_commit();   // empty groups keep the count uniform
+    };
+    load(0, 0);
+    for (int e = threadIdx.x; e < PM_TOK * NC; e += blockDim.x) {
+        int r = e / NC, q = e % NC, t = t0 + r;
+        coef[e] = t >= BT ? 0.0f : q < N * N ? res[(size_t)t * N * N + q] : post[(size_t)t * N + q - N * N];
+    }
+    float acc[MT][4], ss[NH][2], sx[NH][2];   // squares (and, dhc, sums) per own stream for rows lane/4 and lane/4 + 8
+#pragma unroll
+    for (int j = 0; j < MT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NH; i++) ss[i][0] = ss[i][1] = sx[i][0] = sx[i][1] = 0.0f;
+    for (int cc = 0; cc < nchunk; cc++) {
+        int b = cc & 1;
+        load(b ^ 1, cc + 1);   // that buffer was released by the barrier that ended the last chunk
+        cp_async_wait<1>();
+        __syncthreads();
+        for (int e = threadIdx.x; e < PM_TOK * 8; e += blockDim.x) {   // post-mix, 8 channels of one token per step
+            int r = e >> 3, c8 = (e & 7) * 8;
+            const float *cf = coef + r * NC;
+            x128 hv[N], yv = *reinterpret_cast<const x128 *>(Hs(b, N) + r * MP_LD + c8);
+#pragma unroll
+            for (int j = 0; j < N; j++) hv[j] = *reinterpret_cast<const x128 *>(Hs(b, j) + r * MP_LD + c8);
+#pragma unroll
+            for (int i = 0; i < N; i++) {
+                x128 o;
+#pragma unroll
+                for (int q = 0; q < X128; q++) {
+                    float sum = cf[N * N + i] * tof(yv.v[q]);
+#pragma unroll
+                    for (int j = 0; j < N; j++) sum += cf[i * N + j] * tof(hv[j].v[q]);
+                    o.v[q] = tox(sum);
+                }
+                *reinterpret_cast<x128 *>(Hs(b, i) + r * MP_LD + c8) = o;   // in place: this thread read all of them
+                if (t0 + r < BT) store128(Hout + (size_t)(t0 + r) * nC + (size_t)i * C + cc * 64 + c8, o);
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int si = 0; si < NH; si++)
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                uint32_t a[4];
+                ldsm_x4(a, Hs(b, s0 + si) + (rw + lane % 16) * MP_LD + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+                for (int q = 0; q < 4; q++) {   // a[0], a[2]: row lane/4; a[1], a[3]: row lane/4 + 8
+                    __nv_bfloat162 v = *reinterpret_cast<__nv_bfloat162 *>(&a[q]);
+                    float x0 = __low2float(v), x1 = __high2float(v);
+                    ss[si][q % 2] += x0 * x0 + x1 * x1;
+                    if (DHC) sx[si][q % 2] += x0 + x1;
+                }
+#pragma unroll
+                for (int j = 0; j < MT; j++) {
+                    uint32_t bb[2];
+                    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                                 : "=r"(bb[0]), "=r"(bb[1])
+                                 : "r"(smem_u32(Ps(b, s0 + si) + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * PLD + j * 8)));
+                    mma_bf16(acc[j], a, bb[0], bb[1]);
+                }
+            }
+        __syncthreads();   // buffer b is free for the load two chunks on
+    }
+    // warps 2-3 hand their products (and, mhc, their squares) to warps 0-1 through the free tiles
+    float *xch = reinterpret_cast<float *>(pm_smem) + (warp % 2) * 32 * (4 * MT + 2) + lane * (4 * MT + 2);
+#pragma unroll
+    for (int h = 0; h < 2; h++)
+#pragma unroll
+        for (int i = 0; i < NH; i++)
+#pragma unroll
+            for (int o = 1; o <= 2; o <<= 1) {
+                ss[i][h] += __shfl_xor_sync(0xffffffff, ss[i][h], o);
+                if (DHC) sx[i][h] += __shfl_xor_sync(0xffffffff, sx[i][h], o);
+            }
+    float sq[2] = {0.0f, 0.0f};   // mhc: the squares of this warp's streams
+#pragma unroll
+    for (int h = 0; h < 2; h++)
+#pragma unroll
+        for (int i = 0; i < NH; i++) sq[h] += ss[i][h];
+    if (warp >= 2) {
+#pragma unroll
+        for (int j = 0; j < MT; j++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) xch[j * 4 + q] = acc[j][q];
+        xch[4 * MT] = sq[0];
+        xch[4 * MT + 1] = sq[1];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        int t = t0 + rw + lane / 4 + 8 * h;
+        if (t >= BT) continue;
+        if (DHC && lane % 4 == 0)
+#pragma unroll
+            for (int i = 0; i < NH; i++) {
+                float mu = sx[i][h] / C;
+                rms[(size_t)t * N + s0 + i] = mu;
+                rstd[(size_t)t * N + s0 + i] = rsqrtf(fmaxf(ss[i][h] / C - mu * mu, 0.0f) + 1e-5f);
+            }
+        if (warp >= 2) continue;
+        if (!DHC && lane % 4 == 0) rms[t] = sqrtf((sq[h] + xch[4 * MT + h]) / nC + 1e-6f);
+#pragma unroll
+        for (int j = 0; j < MT; j++)
+            *reinterpret_cast<float2 *>(p + (size_t)t * m + j * 8 + 2 * (lane % 4)) =
+                make_float2(acc[j][2 * h] + xch[j * 4 + 2 * h], acc[j][2 * h + 1] + xch[j * 4 + 2 * h + 1]);
+    }
+}
+
+template <int N, bool DHC>
+static void hc_postmix_proj_launch(floatX *Hout, float *p, float *rms, float *rstd, const floatX *H, const floatX *y, const float *post,
+                                   const float *res, const floatX *phi, int BT, int C) {
+    static bool attr = false;
+    if (!attr) {   // over the 48 KB default: opt in once per instantiation
+        cudaCheck(cudaFuncSetAttribute(hc_postmix_proj_kernel<N, DHC>, cudaFuncAttributeMaxDynamicSharedMemorySize, PmShape<N>::SMEM));
+        attr = true;
+    }
+    hc_postmix_proj_kernel<N, DHC><<<ceil_div(BT, PM_TOK), 128, PmShape<N>::SMEM>>>(Hout, p, rms, rstd, H, y, post, res, phi, BT, C);
+    kernelCheck();
+}
+static void hc_postmix_proj(int n, bool dhc, floatX *Hout, float *p, float *rms, float *rstd, const floatX *H, const floatX *y,
+                            const float *post, const float *res, const floatX *phi, int BT, int C) {
+    if (n == 2 && dhc) hc_postmix_proj_launch<2, true>(Hout, p, rms, rstd, H, y, post, res, phi, BT, C);
+    else if (n == 4 && dhc) hc_postmix_proj_launch<4, true>(Hout, p, rms, rstd, H, y, post, res, phi, BT, C);
+    else if (n == 2) hc_postmix_proj_launch<2, false>(Hout, p, rms, rstd, H, y, post, res, phi, BT, C);
+    else if (n == 4) hc_postmix_proj_launch<4, false>(Hout, p, rms, rstd, H, y, post, res, phi, BT, C);
+    else die("internal: the fused post-mix + projection kernel takes n = 2 or 4 (n=%d)", n);
+}
+
 // The backward's pass over dH, one kernel (version 3; versions 1 and 2 are in dev/cuda/bench_hc.cu):
 //   dH += pre_i du + dp @ phi^T + kx H (+ k0 for dhc)   (the pre-mix, projection and rms terms)
 //   Mpart[g] = H^T dp over this block's tokens          (the phi gradient, by the same tiles of H)
@@ -2875,6 +3042,13 @@ static int hc_fuses_premix(const GPTHCConfig *c) {
 #else
     return (c->mode == MODE_MHC || c->mode == MODE_DHC) && hc_tensor_cores(c->channels, mhc_width(c->n));
 #endif
+}
+
+// the post-mix of sublayer k and the projection of sublayer k + 1 in one kernel (hc_postmix_proj_kernel)
+static int hc_fused_boundary(const GPTHCConfig *c) {
+    static int off = -1;   // GPT_HC_FUSE_BOUNDARY=0: the two kernels apart (comparisons)
+    if (off < 0) off = getenv("GPT_HC_FUSE_BOUNDARY") && atoi(getenv("GPT_HC_FUSE_BOUNDARY")) == 0;
+    return !off && hc_fuses_premix(c) && (c->n == 2 || c->n == 4);
 }
 
 
@@ -3213,7 +3387,8 @@ static void sublayer_backward(GPTHC *model, int k, floatX *du, const floatX *dy,
     }
 }
 
-static void hc_coeffs_forward(GPTHC *model, int k, const floatX *Hk, int BT) {
+// proj_done: the projection (and its statistics) of H^k came with the previous post-mix (hc_fused_boundary)
+static void hc_coeffs_forward(GPTHC *model, int k, const floatX *Hk, int BT, int proj_done) {
     ProfScope prof(PROF_HC_COEF);
     const GPTHCConfig *c = &model->config;
     ParameterTensors *p = &model->params;
@@ -3227,8 +3402,9 @@ static void hc_coeffs_forward(GPTHC *model, int k, const floatX *Hk, int BT) {
         if (hc_tensor_cores(C, m)) {
             size_t o1 = (size_t)k * BT * n;
             float *pbuf = (float *)dscratch(0, (size_t)BT * m * sizeof(float));
-            DISPATCH_N_DHC(n, mhc_proj_forward_kernel, ceil_div(BT, 64), 128, pbuf, a->hcn_mean + o1, a->hcn_rstd + o1, Hk,
-                           model->dhc_phi + (size_t)k * n * C * m, BT, n * C, C);
+            if (!proj_done)
+                DISPATCH_N_DHC(n, mhc_proj_forward_kernel, ceil_div(BT, 64), 128, pbuf, a->hcn_mean + o1, a->hcn_rstd + o1, Hk,
+                               model->dhc_phi + (size_t)k * n * C * m, BT, n * C, C);
             DISPATCH_N(n, dhc_coeffs_proj_kernel, ceil_div(BT * n, 128), 128, pre, post, res, a->hc_ta + o1 * (n + 1), a->hc_tb + o1,
                        a->mhc_z + (size_t)k * BT * m, pbuf, a->hcn_mean + o1, a->hcn_rstd + o1, model->dhc_gc + (size_t)k * 2 * (n + 2),
                        p->hc_A + (size_t)k * n * (n + 1), p->hc_b + (size_t)k * n, p->hc_sa + k, p->hc_sb + k, BT * n);
@@ -3247,7 +3423,7 @@ static void hc_coeffs_forward(GPTHC *model, int k, const floatX *Hk, int BT) {
         const floatX *phix = px(model, P_MHC_PHI) + (size_t)k * nC * m;
 #if !defined(ENABLE_FP32)
         if (hc_tensor_cores(C, m)) {
-            DISPATCH_N(n, mhc_proj_forward_kernel, ceil_div(BT, 64), 128, pbuf, a->mhc_rms + (size_t)k * BT, NULL, Hk, phix, BT, nC, C);
+            if (!proj_done) DISPATCH_N(n, mhc_proj_forward_kernel, ceil_div(BT, 64), 128, pbuf, a->mhc_rms + (size_t)k * BT, NULL, Hk, phix, BT, nC, C);
         } else
 #endif
         {
@@ -3409,7 +3585,8 @@ void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int
             }
         } else {
             floatX *u = a->u + k * BT * C;
-            hc_coeffs_forward(model, k, Hk, BT);
+            int fb = hc_fused_boundary(c);
+            hc_coeffs_forward(model, k, Hk, BT, fb && k > 0);
             {
                 ProfScope prof(PROF_HC);
                 DISPATCH_N(n, hc_premix_forward_kernel, ceil_div(BT, 4), 128, u, Hk, a->pre + k * BT * n, (int)BT, C);
@@ -3417,6 +3594,16 @@ void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int
             }
             sublayer_forward(model, k, u, B, T);
             ProfScope prof(PROF_HC);
+#if !defined(ENABLE_FP32)
+            if (fb && k + 1 < K) {   // H^{k+1} and sublayer k + 1's projection in one pass
+                size_t k1 = k + 1, m = mhc_width(n), dhc = c->mode == MODE_DHC;
+                float *pbuf = (float *)dscratch(0, BT * m * sizeof(float));   // where hc_coeffs_forward reads it
+                const floatX *phi = (dhc ? model->dhc_phi : px(model, P_MHC_PHI)) + k1 * n * C * m;
+                hc_postmix_proj(n, dhc, Hn, pbuf, dhc ? a->hcn_mean + k1 * BT * n : a->mhc_rms + k1 * BT, dhc ? a->hcn_rstd + k1 * BT * n : NULL,
+                                Hk, y, a->post + k * BT * n, a->res + k * BT * n * n, phi, (int)BT, C);
+                continue;
+            }
+#endif
             DISPATCH_N(n, hc_postmix_forward_kernel, ceil_div(BT, 4), 128, Hn, Hk, y, a->post + k * BT * n, a->res + k * BT * n * n, (int)BT, C);
             kernelCheck();
         }
