@@ -7,11 +7,13 @@ command line, checkpoints and logs (llmc/train_main.h drives both).
 HC/mHC coefficients, LayerNorm statistics, Sinkhorn-Knopp and every reduction run in fp32.
 Every reduction is done in a fixed order without atomics, so runs are deterministic.
 
-Matmuls run through cuBLASLt with the bias, GELU and GELU-gradient fused into the epilogues.
-Attention in BF16 (head size 64) is fused: the FlashAttention-2 algorithm on mma.sync tensor cores
-with a deterministic two-kernel backward; elsewhere cuBLAS batched matmuls around a masked softmax
-(llm.c's non-cuDNN path). The HC mixing kernels are templated on n and work one warp per token;
-mHC's x @ phi products run on tensor cores with the rms terms fused. Variants side by side:
+Matmuls run through cuBLASLt with the bias, GELU and GELU-gradient fused into the epilogues; the
+backward's weight gradients run on a side stream beside the memory-bound kernels. Attention in
+BF16 (head size 64) is cuDNN's fused SDPA (built with the backend graph API, deterministic
+backward), with our FlashAttention-2 kernels on mma.sync as the fallback; elsewhere cuBLAS batched
+matmuls around a masked softmax (llm.c's non-cuDNN path). The HC mixing kernels are templated on n
+and work one warp per token; mHC's x @ phi products run on tensor cores with the rms terms fused,
+the projection of sublayer k + 1 fused into the post-mix of sublayer k. Variants side by side:
 dev/cuda/bench_attention.cu, dev/cuda/bench_hc.cu; measurements and history: dev/NOTES.md.
 */
 #include <cublasLt.h>

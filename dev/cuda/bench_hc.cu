@@ -8,7 +8,11 @@ HC/mHC kernels of train_gpt_hc.cu timed against their memory floor (issues 4 and
                               (one pass: dH += pre_i du + dp @ phi^T + kx H), cuBLAS dphi = H^T dp
                            3: pre-mix backward computing dpre only, then mhc_dh (the trainer's): one
                               kernel for dH and the H^T dp partials, token tiles prefetched, + a reduce
-  and the trainer's mixing kernels (pre-mix, post-mix + residual merge, forward and backward).
+  and the trainer's mixing kernels (pre-mix, post-mix + residual merge, forward and backward);
+  post-mix of sublayer k + projection of sublayer k + 1
+                           1: hc_postmix_forward_kernel, then mhc_proj_forward_kernel (H' read back)
+                           2: hc_postmix_proj (the trainer's at n <= 4): one pass, H' formed on chip
+  and mHC's coefficient kernels (gates, Sinkhorn-Knopp forward and backward, thread per row).
 Each variant 2 is checked against its variant 1 on random inputs first. Floor = bytes that must
 move (each input read once, each output written once) / the measured device-to-device copy rate.
     make dev/cuda/bench_hc && ./dev/cuda/bench_hc [B*T] [C]     (default 16384 768)
@@ -235,5 +239,49 @@ int main(int argc, char **argv) {
     row("pre-mix backward (dH +=, dpre)", median_ms([&] {
             hc_premix_backward_kernel<NN><<<ceil_div(BT, 4), 128>>>(dH2, dpre, du, H, pre, BT, C);
         }), 3 * hb + xb);
+    // boundary fusion: the post-mix of sublayer k and the projection of sublayer k + 1
+    floatX *Hn2 = dalloc<floatX>(nh);
+    float *p2 = dalloc<float>((size_t)BT * MM), *r2 = dalloc<float>(BT);
+    auto bnd1 = [&] {
+        hc_postmix_forward_kernel<NN><<<ceil_div(BT, 4), 128>>>(Hn, H, y, post, res, BT, C);
+        mhc_proj_forward_kernel<NN><<<ceil_div(BT, 64), 128>>>(p1, r1, NULL, Hn, phi, BT, nC, C);
+    };
+    auto bnd2 = [&] { hc_postmix_proj(NN, false, Hn2, p2, r2, NULL, H, y, post, res, phi, BT, C); };
+    bnd1();
+    bnd2();
+    kernelCheck();
+    {
+        floatX *a = (floatX *)mallocCheck(nh * sizeof(floatX)), *b = (floatX *)mallocCheck(nh * sizeof(floatX));
+        cudaCheck(cudaMemcpy(a, Hn, nh * sizeof(floatX), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(b, Hn2, nh * sizeof(floatX), cudaMemcpyDeviceToHost));
+        int same = memcmp(a, b, nh * sizeof(floatX)) == 0;
+        float *pa = (float *)mallocCheck((size_t)BT * MM * 4), *pb = (float *)mallocCheck((size_t)BT * MM * 4);
+        cudaCheck(cudaMemcpy(pa, p1, (size_t)BT * MM * 4, cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(pb, p2, (size_t)BT * MM * 4, cudaMemcpyDeviceToHost));
+        double e, m, er, mr;
+        diff_stats(pb, pa, (size_t)BT * MM, &e, &m);
+        cudaCheck(cudaMemcpy(pa, r1, (size_t)BT * 4, cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(pb, r2, (size_t)BT * 4, cudaMemcpyDeviceToHost));
+        diff_stats(pb, pa, (size_t)BT, &er, &mr);
+        printf("check: post-mix + projection fused: H' %s, p rel err %.1e, rms rel err %.1e -> %s\n", same ? "bit-identical" : "DIFFERENT",
+               e / m, er / mr, same && e / m < 1e-4 && er / mr < 1e-5 ? "agree" : "DISAGREE");
+        free(a); free(b); free(pa); free(pb);
+    }
+    row("post-mix fwd + next projection 1: two kernels", median_ms(bnd1), 2 * hb + xb + BT * MM * 4.0);
+    row("post-mix fwd + next projection 2: one kernel", median_ms(bnd2), 2 * hb + xb + BT * MM * 4.0);
+    // mHC's coefficients: gates and Sinkhorn-Knopp (20 iterations), forward and backward, one thread
+    // per matrix row (latency-bound: the floor counts their few bytes per token)
+    float *zb = dalloc<float>((size_t)BT * MM), *bias = rand_devf(MM, 0.0f, 0.5f, &rng), *alpha = rand_devf(3, 1.0f, 0.1f, &rng);
+    float *pre2 = dalloc<float>((size_t)BT * NN), *post2 = dalloc<float>((size_t)BT * NN), *res2 = dalloc<float>((size_t)BT * NN * NN);
+    float *kx2 = dalloc<float>(BT), *rows = dalloc<float>((size_t)BT * (MM + 3));
+    floatX *dpx = dalloc<floatX>((size_t)BT * MM);
+    int G = sk_group(NN), iters = 20;
+    row("mhc coefficients fwd (gates + Sinkhorn)", median_ms([&] {
+            mhc_coeffs_forward_kernel<NN><<<ceil_div((size_t)BT * G, 128), 128>>>(pre2, post2, res2, r0, zb, p0, bias, alpha, BT, NN, iters);
+        }), BT * (2.0 * MM * 4 + 4 + (2 * NN + NN * NN) * 4));
+    row("mhc coefficients bwd (Sinkhorn recomputed)", median_ms([&] {
+            mhc_coeffs_backward_kernel<NN><<<ceil_div((size_t)BT * G, 64), 64, 2 * iters * 64 * sizeof(float)>>>(
+                dpx, kx2, rows, dpre, dpost, dres, pre2, post2, r0, zb, bias, alpha, BT, NN, C, iters, NULL);
+        }), BT * (MM * 4.0 + 4 + (3 * NN + NN * NN) * 4 + (MM + 3) * 4 + MM * 2 + 4));
     return 0;
 }
