@@ -37,7 +37,12 @@ for s in $steps; do
         compute-sanitizer --tool memcheck --print-limit 5 ./test_gpt_hcu --ref-only 2>&1 | tee "$OUT/memcheck_test.txt" | grep -E "ERROR SUMMARY|passed" || rc=1
         compute-sanitizer --tool memcheck --print-limit 5 ./train_gpt_hcu -e d4 -H mhc -E 4 -b 2 -t 256 -x 2 -v 1 -m 2 -s 0 \
             -i 'data/tiny/tiny_train_*.bin' -j 'data/tiny/tiny_val_*.bin' 2>&1 | tee "$OUT/memcheck_train.txt" | grep -E "ERROR SUMMARY" || rc=1
-        compute-sanitizer --tool racecheck --print-limit 5 ./dev/cuda/bench_attention 1 128 2 2>&1 | tee "$OUT/racecheck_attn.txt" | grep -E "RACECHECK SUMMARY|agree" || rc=1
+        # cuDNN's SDPA kernels (wgmma, TMA + mbarriers) draw racecheck reports of their own, as cuBLAS's do: counted apart
+        compute-sanitizer --tool racecheck --print-limit 100 ./dev/cuda/bench_attention 1 128 2 > "$OUT/racecheck_attn.txt" 2>&1
+        grep -E "agree" "$OUT/racecheck_attn.txt" | tail -1
+        ours=$(grep "Race reported" "$OUT/racecheck_attn.txt" | grep -vc cudnn_generated)
+        echo "racecheck bench_attention: $ours hazards in our kernels, $(grep "Race reported" "$OUT/racecheck_attn.txt" | grep -c cudnn_generated) reports inside cuDNN"
+        [ "$ours" = 0 ] || rc=1
         # BT = 2048: several token tiles per block in the dH pass. The cuBLAS GEMMs of the reference
         # variants (nvjet kernels, TMA + mbarriers) draw racecheck reports of their own: counted apart
         compute-sanitizer --tool racecheck --print-limit 100 ./dev/cuda/bench_hc 2048 64 > "$OUT/racecheck_hc.txt" 2>&1
