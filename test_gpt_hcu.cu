@@ -11,7 +11,9 @@ Tests of the CUDA trainer on a GPU (make test-cuda builds and runs them in FP32 
     T = 256, and cuDNN's bits the same in a second run; the tensor-core
     mHC products (x @ phi, the one-pass dH/dphi kernel) against the cuBLAS path at ragged token
     counts; one model through the fused and the plain HC kernels (dhc n = 2..8, mhc);
- 4. recomputation (-r) and the Sinkhorn sums' storage: bit-identical to the plain path.
+ 4. recomputation (-r) and the Sinkhorn sums' storage: bit-identical to the plain path;
+ 5. (BF16) the environment switches: flash attention trains as cuDNN's does, one stream gives
+    the side stream's checkpoint bit for bit, a bad GPT_HC_ATTENTION is a one-line error.
 Prints 'N passed, N failed' last.
 */
 #define TESTING
@@ -167,6 +169,38 @@ static void test_cpu_vs_cuda(void) {
         report(r1 == 0 && r2 == 0 && worst < TOL_CPU, "CPU vs CUDA, d4 C=256 T=256 %s: 4 step losses, max rel diff %.2e (cpu %.5f gpu %.5f at step 4)",
                modes[mi], worst, na == 4 ? a[3] : 0.0, nb == 4 ? b[3] : 0.0);
     }
+#if !defined(ENABLE_FP32)
+    // the switches of the BF16 build through the command line (mhc): the flash kernels train as
+    // cuDNN's attention does; without the side stream the step-4 checkpoint has the same bits; a
+    // bad value is a one-line error
+    {
+        const char *common = "-e d4 -b 2 -t 256 -x 4 -n 4 -l 1e-3 -v 0 -s 0 -H mhc";
+        const char *env[3] = {"", "GPT_HC_ATTENTION=flash", "GPT_HC_SIDE_STREAM=0"};
+        double l[3][8];
+        int rc[3], nl[3];
+        for (int v = 0; v < 3; v++) {
+            snprintf(cmd, sizeof cmd, "%s %s %s -i '%s/syn_train_*' -j '%s/syn_val_*' -o %s/sw_%d > /dev/null", env[v], TRAINER, common,
+                     dir, dir, dir, v);
+            rc[v] = system(cmd);
+            snprintf(path, sizeof path, "%s/sw_%d/main.log", dir, v);
+            nl[v] = read_losses(path, l[v], 8);
+        }
+        double worst = nl[0] == 4 && nl[1] == 4 ? 0.0 : 1e9;
+        for (int i = 0; i < 4 && i < nl[0] && i < nl[1]; i++) worst = fmax(worst, fabs(l[0][i] - l[1][i]) / fabs(l[0][i]));
+        report(rc[0] == 0 && rc[1] == 0 && worst < 1e-2, "GPT_HC_ATTENTION=flash vs cuDNN (default), d4 mhc: 4 step losses, max rel diff %.2e", worst);
+        snprintf(cmd, sizeof cmd, "cmp -s %s/sw_0/model_00000004.bin %s/sw_2/model_00000004.bin", dir, dir);
+        report(rc[2] == 0 && system(cmd) == 0, "GPT_HC_SIDE_STREAM=0: the step-4 checkpoint is bit-identical to the side stream's");
+        char out[4096] = "";
+        snprintf(cmd, sizeof cmd, "GPT_HC_ATTENTION=bogus %s %s -i '%s/syn_train_*' -j '%s/syn_val_*' -o %s/sw_bogus 2>&1 >/dev/null", TRAINER, common, dir, dir, dir);
+        FILE *fp = popen(cmd, "r");
+        size_t got = fp ? fread(out, 1, sizeof out - 1, fp) : 0;
+        out[got] = 0;
+        int r = fp ? pclose(fp) : 0;
+        char *eol = strchr(out, '\n');
+        report(r != 0 && strstr(out, "GPT_HC_ATTENTION must be cudnn, flash or cublas") != NULL && eol != NULL && eol[1] == 0,
+               "GPT_HC_ATTENTION=bogus: non-zero exit with a one-line error (%s)", eol ? (*eol = 0, out) : "no output");
+    }
+#endif
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     if (system(cmd) != 0) report(0, "cleanup failed");
 }

@@ -1629,6 +1629,16 @@ static cudnnBackendDescriptor_t cd_tensor(CdGraph *g, int64_t uid, cudnnDataType
     CD_FIN(g, t);
     return t;
 }
+// an operation node: each (attribute, descriptor) pair set (NULL ones skipped), finalized, appended
+static void cd_op(CdGraph *g, cudnnBackendDescriptorType_t type, int n, const cudnnBackendAttributeName_t *attrs,
+                  const cudnnBackendDescriptor_t *descs) {
+    cudnnBackendDescriptor_t op = cd_new(g, type);
+    for (int i = 0; i < n; i++)
+        if (descs[i]) CD_SET(g, op, attrs[i], CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &descs[i]);
+    CD_FIN(g, op);
+    if (g->nops == 32) cd_ok(g, CUDNN_STATUS_INTERNAL_ERROR, __LINE__);
+    else g->ops[g->nops++] = op;
+}
 // y = mode(x, b, t); b and t may be NULL; axis >= 0 for GEN_INDEX
 static void cd_pointwise(CdGraph *g, cudnnPointwiseMode_t mode, cudnnDataType_t prec, cudnnBackendDescriptor_t x, cudnnBackendDescriptor_t b,
                          cudnnBackendDescriptor_t t, cudnnBackendDescriptor_t y, int64_t axis = -1) {
@@ -1637,27 +1647,21 @@ static void cd_pointwise(CdGraph *g, cudnnPointwiseMode_t mode, cudnnDataType_t 
     CD_SET(g, pw, CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_TYPE_DATA_TYPE, 1, &prec);
     if (axis >= 0) CD_SET(g, pw, CUDNN_ATTR_POINTWISE_AXIS, CUDNN_TYPE_INT64, 1, &axis);
     CD_FIN(g, pw);
-    cudnnBackendDescriptor_t op = cd_new(g, CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR);
-    CD_SET(g, op, CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &pw);
-    CD_SET(g, op, CUDNN_ATTR_OPERATION_POINTWISE_XDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &x);
-    if (b) CD_SET(g, op, CUDNN_ATTR_OPERATION_POINTWISE_BDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &b);
-    if (t) CD_SET(g, op, CUDNN_ATTR_OPERATION_POINTWISE_TDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &t);
-    CD_SET(g, op, CUDNN_ATTR_OPERATION_POINTWISE_YDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &y);
-    CD_FIN(g, op);
-    g->ops[g->nops++] = op;
+    const cudnnBackendAttributeName_t at[5] = {CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, CUDNN_ATTR_OPERATION_POINTWISE_XDESC,
+                                               CUDNN_ATTR_OPERATION_POINTWISE_BDESC, CUDNN_ATTR_OPERATION_POINTWISE_TDESC,
+                                               CUDNN_ATTR_OPERATION_POINTWISE_YDESC};
+    const cudnnBackendDescriptor_t d[5] = {pw, x, b, t, y};
+    cd_op(g, CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR, 5, at, d);
 }
 static void cd_matmul(CdGraph *g, cudnnBackendDescriptor_t a, cudnnBackendDescriptor_t b, cudnnBackendDescriptor_t c) {
     cudnnDataType_t comp = CUDNN_DATA_FLOAT;
     cudnnBackendDescriptor_t mm = cd_new(g, CUDNN_BACKEND_MATMUL_DESCRIPTOR);
     CD_SET(g, mm, CUDNN_ATTR_MATMUL_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &comp);
     CD_FIN(g, mm);
-    cudnnBackendDescriptor_t op = cd_new(g, CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR);
-    CD_SET(g, op, CUDNN_ATTR_OPERATION_MATMUL_ADESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &a);
-    CD_SET(g, op, CUDNN_ATTR_OPERATION_MATMUL_BDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &b);
-    CD_SET(g, op, CUDNN_ATTR_OPERATION_MATMUL_CDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &c);
-    CD_SET(g, op, CUDNN_ATTR_OPERATION_MATMUL_DESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &mm);
-    CD_FIN(g, op);
-    g->ops[g->nops++] = op;
+    const cudnnBackendAttributeName_t at[4] = {CUDNN_ATTR_OPERATION_MATMUL_ADESC, CUDNN_ATTR_OPERATION_MATMUL_BDESC,
+                                               CUDNN_ATTR_OPERATION_MATMUL_CDESC, CUDNN_ATTR_OPERATION_MATMUL_DESC};
+    const cudnnBackendDescriptor_t d[4] = {a, b, c, mm};
+    cd_op(g, CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR, 4, at, d);
 }
 static void cd_reduce(CdGraph *g, cudnnReduceTensorOp_t mode, cudnnBackendDescriptor_t x, cudnnBackendDescriptor_t y) {
     cudnnDataType_t comp = CUDNN_DATA_FLOAT;
@@ -1665,19 +1669,15 @@ static void cd_reduce(CdGraph *g, cudnnReduceTensorOp_t mode, cudnnBackendDescri
     CD_SET(g, r, CUDNN_ATTR_REDUCTION_OPERATOR, CUDNN_TYPE_REDUCTION_OPERATOR_TYPE, 1, &mode);
     CD_SET(g, r, CUDNN_ATTR_REDUCTION_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &comp);
     CD_FIN(g, r);
-    cudnnBackendDescriptor_t op = cd_new(g, CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR);
-    CD_SET(g, op, CUDNN_ATTR_OPERATION_REDUCTION_XDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &x);
-    CD_SET(g, op, CUDNN_ATTR_OPERATION_REDUCTION_YDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &y);
-    CD_SET(g, op, CUDNN_ATTR_OPERATION_REDUCTION_DESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &r);
-    CD_FIN(g, op);
-    g->ops[g->nops++] = op;
+    const cudnnBackendAttributeName_t at[3] = {CUDNN_ATTR_OPERATION_REDUCTION_XDESC, CUDNN_ATTR_OPERATION_REDUCTION_YDESC,
+                                               CUDNN_ATTR_OPERATION_REDUCTION_DESC};
+    const cudnnBackendDescriptor_t d[3] = {x, y, r};
+    cd_op(g, CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR, 3, at, d);
 }
 static void cd_reshape(CdGraph *g, cudnnBackendDescriptor_t x, cudnnBackendDescriptor_t y) {
-    cudnnBackendDescriptor_t op = cd_new(g, CUDNN_BACKEND_OPERATION_RESHAPE_DESCRIPTOR);
-    CD_SET(g, op, CUDNN_ATTR_OPERATION_RESHAPE_XDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &x);
-    CD_SET(g, op, CUDNN_ATTR_OPERATION_RESHAPE_YDESC, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &y);
-    CD_FIN(g, op);
-    g->ops[g->nops++] = op;
+    const cudnnBackendAttributeName_t at[2] = {CUDNN_ATTR_OPERATION_RESHAPE_XDESC, CUDNN_ATTR_OPERATION_RESHAPE_YDESC};
+    const cudnnBackendDescriptor_t d[2] = {x, y};
+    cd_op(g, CUDNN_BACKEND_OPERATION_RESHAPE_DESCRIPTOR, 2, at, d);
 }
 
 // tensor ids of the variant pack; the by-value scalars live in host memory for the whole run
