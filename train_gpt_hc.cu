@@ -2547,19 +2547,20 @@ __global__ void __launch_bounds__(128) mhc_proj_forward_kernel(float *p, float *
 // Boundary fusion (issue 5): the post-mix of sublayer k and the x @ phi of sublayer k + 1 (mHC's,
 // or dHC's block-diagonal one) in one pass over the streams. A block owns 32 tokens and walks the
 // C channels in chunks of 64; per chunk it loads the n stream tiles of H^k, the tile of y and the n
-// matching 64-row chunks of phi (cp.async, double-buffered), forms H^{k+1}_i = post_i y + sum_j
+// matching 64-row chunks of phi (cp.async, three stages), forms H^{k+1}_i = post_i y + sum_j
 // res_ij H_j in place (the post-mix kernel's arithmetic, so the same bf16 values), stores them, and
 // feeds them to the tensor cores as the A operand of the projection; the rms (mhc) or the per-stream
-// mean and rstd (dhc) come from the same fragments. Warps 0-1 take streams [0, n/2) of their 16
+// mean and rstd (dhc) come from the same fragments. Three stages: two chunks in flight per block. Warps 0-1 take streams [0, n/2) of their 16
 // tokens, warps 2-3 the rest; their products are added at the end. H^{k+1} is not read back for the
 // projection. n = 2, 4 (shared memory). 64-token blocks (1 block per SM) were slower than the two
-// kernels apart; 32 tokens keep 3 blocks and their loads in flight per SM.
+// kernels apart.
 #define PM_TOK 32
+#define PM_STAGES 3
 template <int N>
 struct PmShape {
     static constexpr int m = N * N + 2 * N, MT = m / 8 > 0 ? m / 8 : 1, PLD = 8 * (MT | 1), NC = N * N + N;
     static constexpr int STAGE = (N + 1) * PM_TOK * MP_LD + N * 64 * PLD;   // n H tiles + the y tile, n phi chunks (bf16 elements)
-    static constexpr int SMEM = 2 * STAGE * (int)sizeof(floatX) + PM_TOK * NC * (int)sizeof(float);   // + res and post per token
+    static constexpr int SMEM = PM_STAGES * STAGE * (int)sizeof(floatX) + PM_TOK * NC * (int)sizeof(float);   // + res and post per token
 };
 template <int N, bool DHC>
 __global__ void __launch_bounds__(128) hc_postmix_proj_kernel(floatX *Hout, float *p, float *rms, float *rstd, const floatX *H,
@@ -2569,7 +2570,7 @@ __global__ void __launch_bounds__(128) hc_postmix_proj_kernel(floatX *Hout, floa
     constexpr int m = S::m, MT = S::MT, PLD = S::PLD, NC = S::NC, NH = N / 2;
     extern __shared__ __align__(16) unsigned char pm_smem[];
     floatX *tiles = reinterpret_cast<floatX *>(pm_smem);
-    float *coef = reinterpret_cast<float *>(pm_smem + 2 * S::STAGE * sizeof(floatX));   // per token: res (row-major), post
+    float *coef = reinterpret_cast<float *>(pm_smem + PM_STAGES * S::STAGE * sizeof(floatX));   // per token: res (row-major), post
     auto Hs = [&](int b, int j) { return tiles + b * S::STAGE + j * PM_TOK * MP_LD; };  // j = N: the y tile
     auto Ps = [&](int b, int i) { return tiles + b * S::STAGE + (N + 1) * PM_TOK * MP_LD + i * 64 * PLD; };
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t0 = blockIdx.x * PM_TOK, nchunk = C / 64, nC = N * C;
@@ -2586,7 +2587,7 @@ __global__ void __launch_bounds__(128) hc_postmix_proj_kernel(floatX *Hout, floa
         }
         cp_async_commit();   // empty groups keep the count uniform
     };
-    load(0, 0);
+    for (int st = 0; st < PM_STAGES - 1; st++) load(st, st);
     for (int e = threadIdx.x; e < PM_TOK * NC; e += blockDim.x) {
         int r = e / NC, q = e % NC, t = t0 + r;
         coef[e] = t >= BT ? 0.0f : q < N * N ? res[(size_t)t * N * N + q] : post[(size_t)t * N + q - N * N];
@@ -2597,10 +2598,10 @@ __global__ void __launch_bounds__(128) hc_postmix_proj_kernel(floatX *Hout, floa
 #pragma unroll
     for (int i = 0; i < NH; i++) ss[i][0] = ss[i][1] = sx[i][0] = sx[i][1] = 0.0f;
     for (int cc = 0; cc < nchunk; cc++) {
-        int b = cc & 1;
-        load(b ^ 1, cc + 1);   // that buffer was released by the barrier that ended the last chunk
-        cp_async_wait<1>();
-        __syncthreads();
+        int b = cc % PM_STAGES;
+        cp_async_wait<PM_STAGES - 2>();
+        __syncthreads();   // chunk cc landed for every thread; chunk cc - 1's buffer is free
+        load((cc + PM_STAGES - 1) % PM_STAGES, cc + PM_STAGES - 1);
         for (int e = threadIdx.x; e < PM_TOK * 8; e += blockDim.x) {   // post-mix, 8 channels of one token per step
             int r = e >> 3, c8 = (e & 7) * 8;
             const float *cf = coef + r * NC;
@@ -2644,8 +2645,8 @@ __global__ void __launch_bounds__(128) hc_postmix_proj_kernel(floatX *Hout, floa
                     mma_bf16(acc[j], a, bb[0], bb[1]);
                 }
             }
-        __syncthreads();   // buffer b is free for the load two chunks on
     }
+    __syncthreads();   // the tiles are free: the exchange below reuses them
     // warps 2-3 hand their products (and, mhc, their squares) to warps 0-1 through the free tiles
     float *xch = reinterpret_cast<float *>(pm_smem) + (warp % 2) * 32 * (4 * MT + 2) + lane * (4 * MT + 2);
 #pragma unroll
@@ -2965,21 +2966,22 @@ __global__ void dhc_coeffs_proj_kernel(float *pre, float *post, float *res, floa
     for (int j = 0; j < n; j++) res[(size_t)bt * n * n + j * n + i] = A[i * n1 + 1 + j] + sa[0] * t[1 + j];
 }
 
-// per token (one thread, its n rows): gate gradients gr, dp = bf16(rstd gr) in the block layout,
-// the LayerNorm backward's per-row constants (dH += dp @ phi^T + kx H + k0), and one row for the
-// column sums: [dA (n (n+1)) | db (n) | dsa | dsb | s0 = sum gr (n+2) | s1 = sum mean dp (n+2)]
+// per (token, stream i), G threads per token as in Sinkhorn: gate gradients gr, dp = bf16(rstd gr) in
+// the block layout, the LayerNorm backward's per-row constants (dH += dp @ phi^T + kx H + k0), and
+// one row per token for the column sums: [dA (n (n+1)) | db (n) | dsa | dsb | s0 = sum gr (n+2) |
+// s1 = sum mean dp (n+2)], the last four summed over the group. (One thread per token: 19 us per
+// d12 call, 4 warps per SM.)
 template <int N>
 __global__ void dhc_coeffs_backward_proj_kernel(floatX *dp, float *kx, float *k0, float *rows, const float *dpre, const float *dpost,
                                                 const float *dres, const float *mean, const float *rstd, const float *ta, const float *tb,
                                                 const float *xg, const float *gc, const float *sa, const float *sb, int BT, int C) {
-    constexpr int n = N, n1 = N + 1, ng = N + 2, m = N * ng, w = N * n1 + N + 2;
-    int bt = blockIdx.x * blockDim.x + threadIdx.x;
-    if (bt >= BT) return;
-    float *row = rows + (size_t)bt * (w + 2 * ng), dsa = 0.0f, dsb = 0.0f, s0[ng], s1[ng];
+    constexpr int n = N, n1 = N + 1, ng = N + 2, m = N * ng, w = N * n1 + N + 2, G = SkGroup<N>::G;
+    int gt = blockIdx.x * blockDim.x + threadIdx.x, bt = gt / G, i = gt % G;
+    bool live = bt < BT && i < n;
+    float *row = rows + (size_t)(live ? bt : 0) * (w + 2 * ng), acc[2 + 2 * ng];   // dsa, dsb, s0, s1 of this stream
 #pragma unroll
-    for (int q = 0; q < ng; q++) s0[q] = s1[q] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < n; i++) {
+    for (int q = 0; q < 2 + 2 * ng; q++) acc[q] = 0.0f;
+    if (live) {
         size_t r = (size_t)bt * n + i;
         const float *t = ta + r * n1;
         float gr[ng];
@@ -2987,12 +2989,12 @@ __global__ void dhc_coeffs_backward_proj_kernel(floatX *dp, float *kx, float *k0
         for (int q = 0; q < n1; q++) {
             float dAt = q == 0 ? dpre[r] : dres[(size_t)bt * n * n + (q - 1) * n + i];
             row[i * n1 + q] = dAt;
-            dsa += dAt * t[q];
+            acc[0] += dAt * t[q];
             gr[q] = dAt * sa[0] * (1.0f - t[q] * t[q]);
         }
         float dbt = dpost[r], tbr = tb[r];
         row[n * n1 + i] = dbt;
-        dsb += dbt * tbr;
+        acc[1] += dbt * tbr;
         gr[n1] = dbt * sb[0] * (1.0f - tbr * tbr);
         float mu = mean[r], rs = rstd[r], a = 0.0f, bb = 0.0f;
 #pragma unroll
@@ -3001,18 +3003,21 @@ __global__ void dhc_coeffs_backward_proj_kernel(floatX *dp, float *kx, float *k0
             bb += gr[q] * xg[r * ng + q];
             floatX d = tox(rs * gr[q]);
             dp[(size_t)bt * m + i * ng + q] = d;
-            s0[q] += gr[q];
-            s1[q] += mu * tof(d);   // the rounded value the H^T dp product sees
+            acc[2 + q] += gr[q];
+            acc[2 + ng + q] += mu * tof(d);   // the rounded value the H^T dp product sees
         }
         a /= C;
         bb /= C;
         kx[r] = -rs * rs * bb;
         k0[r] = rs * (rs * bb * mu - a);
     }
-    row[n * n1 + n] = dsa;
-    row[n * n1 + n + 1] = dsb;
+    group_sum<N, 2 + 2 * ng>(acc);
+    if (live && i == 0) {
+        row[n * n1 + n] = acc[0];
+        row[n * n1 + n + 1] = acc[1];
 #pragma unroll
-    for (int q = 0; q < ng; q++) { row[w + q] = s0[q]; row[w + ng + q] = s1[q]; }
+        for (int q = 0; q < ng; q++) { row[w + q] = acc[2 + q]; row[w + ng + q] = acc[2 + ng + q]; }
+    }
 }
 
 // per channel: dWa, dWb, dlnw, dlnb from the diagonal blocks of M = H^T dp (nC x m) and the column
@@ -3457,7 +3462,7 @@ static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *H
         float *rows = (float *)dscratch(2, (size_t)BT * (w + 2 * ng) * sizeof(float) + (size_t)BT * m * sizeof(floatX) + 256);
         floatX *dpx = (floatX *)(rows + (size_t)BT * (w + 2 * ng));
         const float *gc = model->dhc_gc + (size_t)k * 2 * ng;
-        DISPATCH_N(n, dhc_coeffs_backward_proj_kernel, ceil_div(BT, 128), 128, dpx, kx, k0, rows, dpre, dpost, dres, a->hcn_mean + o1,
+        DISPATCH_N(n, dhc_coeffs_backward_proj_kernel, ceil_div((size_t)BT * sk_group(n), 128), 128, dpx, kx, k0, rows, dpre, dpost, dres, a->hcn_mean + o1,
                    a->hcn_rstd + o1, a->hc_ta + o1 * n1, a->hc_tb + o1, a->mhc_z + (size_t)k * BT * m, gc, p->hc_sa + k, p->hc_sb + k, BT, C);
         // one pass: dH += pre_i du + dp @ phi^T + kx H + k0, and M = H^T dp, whose diagonal blocks give
         // the per-channel parameter gradients
