@@ -187,7 +187,7 @@ static void test_cpu_vs_cuda(void) {
         }
         double worst = nl[0] == 4 && nl[1] == 4 ? 0.0 : 1e9;
         for (int i = 0; i < 4 && i < nl[0] && i < nl[1]; i++) worst = fmax(worst, fabs(l[0][i] - l[1][i]) / fabs(l[0][i]));
-        report(rc[0] == 0 && rc[1] == 0 && worst < 1e-2, "GPT_HC_ATTENTION=flash vs cuDNN (default), d4 mhc: 4 step losses, max rel diff %.2e", worst);
+        report(rc[0] == 0 && rc[1] == 0 && worst < 1e-3, "GPT_HC_ATTENTION=flash vs cuDNN (default), d4 mhc: 4 step losses, max rel diff %.2e", worst);
         snprintf(cmd, sizeof cmd, "cmp -s %s/sw_0/model_00000004.bin %s/sw_2/model_00000004.bin", dir, dir);
         report(rc[2] == 0 && system(cmd) == 0, "GPT_HC_SIDE_STREAM=0: the step-4 checkpoint is bit-identical to the side stream's");
         char out[4096] = "";

@@ -1177,6 +1177,9 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t *r, const void *p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
 }
+__device__ __forceinline__ void ldsm_x2_t(uint32_t *r, const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(smem_u32(p)));
+}
 __device__ __forceinline__ void mma_bf16(float *d, const uint32_t *a, uint32_t b0, uint32_t b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -2274,8 +2277,8 @@ __global__ void dhc_param_finish_kernel(float *dWa, float *dWb, float *dlnw, flo
 // partial sums). One thread per token left 16k threads on the GPU, 4 warps per SM, each waiting out
 // the latency of a 40-half-step chain: 21 us per forward call, 37 per backward at n = 4.
 // The backward recomputes the iterations (see train_gpt_hc.c).
-template <int N> struct SkGroup { static constexpr int G = N <= 1 ? 1 : N <= 2 ? 2 : N <= 4 ? 4 : 8; };
-static int sk_group(int n) { return n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : 8; }
+__host__ __device__ constexpr int sk_group(int n) { return n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : 8; }
+template <int N> struct SkGroup { static constexpr int G = sk_group(N); };
 
 // v[0..LEN) summed over the G threads of the group, every thread receiving the sums (all lanes of
 // the warp must take part)
@@ -2459,6 +2462,31 @@ __global__ void mhc_rms_backward_kernel(floatX *dH, const floatX *H, const float
 // backward: dH += dp @ phi^T + kx * H in one pass (dp, kx from mhc_coeffs_backward_kernel).
 #define MP_LD 72   // H tiles: 64 bf16 + 8 of padding per row (as the attention tiles)
 
+// One 64-wide k chunk of the projection for a warp's 16 rows: acc (16 x m) += A (16 rows x 64 in
+// shared memory, rows of MP_LD) @ P (64 phi rows x m, rows of PLD), and ss (with DHC also sx) +=
+// the squares (sums) of A's values for rows lane/4 and lane/4 + 8, taken from the same fragments
+template <int MT, int PLD, bool DHC>
+__device__ __forceinline__ void proj_chunk(float (&acc)[MT][4], float (&ss)[2], float (&sx)[2], const floatX *A, const floatX *P, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        uint32_t a[4];
+        ldsm_x4(a, A + (lane % 16) * MP_LD + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+        for (int q = 0; q < 4; q++) {   // a[0], a[2]: row lane/4; a[1], a[3]: row lane/4 + 8
+            __nv_bfloat162 v = *reinterpret_cast<__nv_bfloat162 *>(&a[q]);
+            float x0 = __low2float(v), x1 = __high2float(v);
+            ss[q % 2] += x0 * x0 + x1 * x1;
+            if (DHC) sx[q % 2] += x0 + x1;
+        }
+#pragma unroll
+        for (int j = 0; j < MT; j++) {
+            uint32_t b[2];
+            ldsm_x2_t(b, P + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * PLD + j * 8);
+            mma_bf16(acc[j], a, b[0], b[1]);
+        }
+    }
+}
+
 // grid: ceil(BT / 64) blocks of 128 threads; each warp owns 16 tokens, k runs over nC in chunks of
 // 64 through a 3-stage cp.async pipeline (H tile and phi rows together; 2 stages for n > 4, whose
 // wider phi rows would pass the 48 KB of static shared memory)
@@ -2490,26 +2518,7 @@ __global__ void __launch_bounds__(128) mhc_proj_forward_kernel(float *p, float *
         cp_async_wait<MP_STAGES - 2>();
         __syncthreads();   // tile kc landed for every thread; tile kc-1's buffer is free
         load((kc + MP_STAGES - 1) % MP_STAGES, kc + MP_STAGES - 1);
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++) {
-            uint32_t a[4];
-            ldsm_x4(a, Hs[buf] + (warp * 16 + lane % 16) * MP_LD + kk * 16 + (lane / 16) * 8);
-#pragma unroll
-            for (int q = 0; q < 4; q++) {   // a[0], a[2]: row lane/4; a[1], a[3]: row lane/4 + 8
-                __nv_bfloat162 v = *reinterpret_cast<__nv_bfloat162 *>(&a[q]);
-                float x0 = __low2float(v), x1 = __high2float(v);
-                ss[q % 2] += x0 * x0 + x1 * x1;
-                if (DHC) sx[q % 2] += x0 + x1;
-            }
-#pragma unroll
-            for (int j = 0; j < MT; j++) {
-                uint32_t b[2];
-                asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-                             : "=r"(b[0]), "=r"(b[1])
-                             : "r"(smem_u32(Ps[buf] + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * PLD + j * 8)));
-                mma_bf16(acc[j], a, b[0], b[1]);
-            }
-        }
+        proj_chunk<MT, PLD, DHC>(acc, ss, sx, Hs[buf] + warp * 16 * MP_LD, Ps[buf], lane);
         if (DHC && (kc + 1) * 64 % C == 0) {   // a stream row is complete (C % 64 == 0): its LayerNorm statistics
 #pragma unroll
             for (int h = 0; h < 2; h++) {
@@ -2624,27 +2633,7 @@ __global__ void __launch_bounds__(128) hc_postmix_proj_kernel(floatX *Hout, floa
         }
         __syncthreads();
 #pragma unroll
-        for (int si = 0; si < NH; si++)
-#pragma unroll
-            for (int kk = 0; kk < 4; kk++) {
-                uint32_t a[4];
-                ldsm_x4(a, Hs(b, s0 + si) + (rw + lane % 16) * MP_LD + kk * 16 + (lane / 16) * 8);
-#pragma unroll
-                for (int q = 0; q < 4; q++) {   // a[0], a[2]: row lane/4; a[1], a[3]: row lane/4 + 8
-                    __nv_bfloat162 v = *reinterpret_cast<__nv_bfloat162 *>(&a[q]);
-                    float x0 = __low2float(v), x1 = __high2float(v);
-                    ss[si][q % 2] += x0 * x0 + x1 * x1;
-                    if (DHC) sx[si][q % 2] += x0 + x1;
-                }
-#pragma unroll
-                for (int j = 0; j < MT; j++) {
-                    uint32_t bb[2];
-                    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-                                 : "=r"(bb[0]), "=r"(bb[1])
-                                 : "r"(smem_u32(Ps(b, s0 + si) + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * PLD + j * 8)));
-                    mma_bf16(acc[j], a, bb[0], bb[1]);
-                }
-            }
+        for (int si = 0; si < NH; si++) proj_chunk<MT, PLD, DHC>(acc, ss[si], sx[si], Hs(b, s0 + si) + rw * MP_LD, Ps(b, s0 + si), lane);
     }
     __syncthreads();   // the tiles are free: the exchange below reuses them
     // warps 2-3 hand their products (and, mhc, their squares) to warps 0-1 through the free tiles
@@ -2830,9 +2819,7 @@ __global__ void __launch_bounds__(128) mhc_dh_kernel(floatX *dH, float *Mpart, c
 #pragma unroll
             for (int jt = 0; jt < MT; jt++) {
                 uint32_t bb[2];
-                asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-                             : "=r"(bb[0]), "=r"(bb[1])
-                             : "r"(smem_u32(ds + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * KLD + jt * 8)));
+                ldsm_x2_t(bb, ds + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * KLD + jt * 8);
                 mma_bf16(macc[jt], a, bb[0], bb[1]);
             }
         }
