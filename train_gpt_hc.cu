@@ -1167,6 +1167,10 @@ __device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)_
 __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0));
 }
+// the first `bytes` (0..16) of 16, the rest zero-filled
+__device__ __forceinline__ void cp_async16_n(void *dst, const void *src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(bytes));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 __device__ __forceinline__ void ldsm_x4(uint32_t *r, const void *p) {
@@ -2455,6 +2459,14 @@ __global__ void mhc_rms_backward_kernel(floatX *dH, const floatX *H, const float
     store128(dH + i, d);
 }
 
+// what sublayer k - 1's post-mix backward reads and writes, for the fused boundary (NULL: not fused)
+struct HcPrev {
+    floatX *dH, *dy;   // dH^{k-1} (first term), dy^{k-1}
+    float *dpost, *dres;
+    const floatX *H, *y;   // H^{k-1}, y^{k-1}
+    const float *post, *res;
+};
+
 #if !defined(ENABLE_FP32)
 // mHC's two skinny products on tensor cores (bf16 build, nC % 64 == 0). cuBLAS ran them at 2-5x
 // their memory floor (m = n^2 + 2n is 24 at n = 4) and needed separate passes for the rms terms.
@@ -2878,6 +2890,229 @@ static void mhc_dh(int n, floatX *dH, float *dphi, int accumulate, const floatX 
         case 8: mhc_dh_launch<8, DHC>(dH, dphi, accumulate, H, dp, kx, k0, phi, du, pre, BT, C); break;
         default: die("internal: the fused mhc/dhc backward needs an even n (n=%d)", n);
     }
+}
+
+// Backward boundary fusion (issue 5): sublayer k's dH pass (as mhc_dh_kernel: dH^k = dH^k +
+// pre_i du + dp @ phi^T + kx H (+ k0), Mpart = H^T dp) and sublayer k - 1's post-mix backward in
+// one kernel. The finished dH^k never goes to memory: the block keeps its tile on chip and forms
+// from it dy^{k-1} = sum_i post_i dH^k_i, sublayer k - 1's first dH term res^T dH^k, and the
+// per-token sums dpost_i = dH^k_i . y, dres_ij = dH^k_i . H^{k-1}_j over its 64 channels (summed
+// over the channel ranges by hc_dpost_reduce_kernel). A block owns 64 channels of every stream, so
+// the mixing over streams stays in the block; it walks the tiles of its token group (TT = 64 / n
+// tokens each, one warp per (stream, 16 tokens)) through two cp.async stages. Per sublayer this
+// saves writing dH^k and reading it back (200 MB at d12, n = 4). n = 2, 4 (shared memory).
+template <int N>
+struct BdShape {
+    static constexpr int m = N * N + 2 * N, MT = m / 8, MK = (m + 15) / 16 * 16, KLD = MK + 8, TT = 64 / N, NP = N + N * N;
+    static constexpr int TILE = TT * MP_LD;                 // one tile: TT tokens x 64 channels
+    static constexpr int STAGE = (2 * N + 1) * TILE + TT * KLD;   // two stages of H^k, dH^k per stream, du, dp
+    // one buffer of H^{k-1} per stream and y^{k-1} (dense rows: read by 16-byte rows of 8 threads),
+    // and res, post of sublayer k - 1 (TT N^2 + TT N floats)
+    static constexpr int PREV = (N + 1) * TT * 64 + 2 * TT * NP;
+    // 74 KB at n = 4: three blocks per SM
+    static constexpr int SMEM = (N * 64 * KLD + 2 * STAGE + PREV) * (int)sizeof(floatX);   // + the n phi tiles
+};
+template <int N, bool DHC>
+__global__ void __launch_bounds__(128, 3) hc_boundary_backward_kernel(floatX *dHm, floatX *dym, float *part, float *Mpart, const floatX *H,
+                                                                   const floatX *dH, const floatX *dp, const float *kx, const float *k0,
+                                                                   const floatX *phi, const floatX *du, const float *pre, const floatX *Hm,
+                                                                   const floatX *ym, const float *postm, const float *resm, int BT, int C,
+                                                                   int tiles_per_group) {
+    using S = BdShape<N>;
+    constexpr int m = S::m, MT = S::MT, MK = S::MK, KLD = S::KLD, TT = S::TT, NP = S::NP;
+    extern __shared__ __align__(16) unsigned char bd_smem[];
+    floatX *Ps = reinterpret_cast<floatX *>(bd_smem);   // stream s's phi rows c0..c0+63 at Ps + s * 64 * KLD, [channel][k]
+    int nC = N * C, c0 = blockIdx.y * 64, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int s = warp % N, rw = (warp / N) * 16;   // this warp's stream and first token of the tile
+    int tile0 = blockIdx.x * tiles_per_group, ntile = min(tiles_per_group, (BT + TT - 1) / TT - tile0);
+    auto T_ = [&](int b, int j) { return Ps + N * 64 * KLD + b * S::STAGE + j * S::TILE; };
+    // stage tiles j: [0, N) H^k, [N, 2N) dH^k, 2N du, then dp; the single buffer: H^{k-1} per stream, y^{k-1}
+    auto Ds = [&](int b) { return T_(b, 2 * N + 1); };
+    auto Pv = [&](int j) { return T_(2, 0) + j * TT * 64; };
+    float *cres = reinterpret_cast<float *>(Pv(N + 1)), *cpost = cres + TT * N * N;
+    for (int i = threadIdx.x; i < N * 64 * MT; i += blockDim.x) {
+        int r = i / MT, q = (i % MT) * 8;   // r = stream * 64 + channel
+        cp_async16(Ps + r * KLD + q, phi + ((size_t)(r / 64) * C + c0 + r % 64) * m + q, true);
+    }
+    if (MK > m) {   // zero k-padding of the phi and dp tiles (cp.async never writes it)
+        for (int r = threadIdx.x; r < N * 64; r += blockDim.x) *reinterpret_cast<int4 *>(Ps + r * KLD + m) = make_int4(0, 0, 0, 0);
+        for (int r = threadIdx.x; r < 2 * TT; r += blockDim.x) *reinterpret_cast<int4 *>(Ds(r / TT) + (r % TT) * KLD + m) = make_int4(0, 0, 0, 0);
+    }
+    auto load_prev = [&](int j) {   // what the post-mix backward reads, one stage: it lands during the dH product
+        int t0 = (tile0 + j) * TT, live = BT - t0;
+        for (int e = threadIdx.x; e < (N + 1) * TT * 8; e += blockDim.x) {
+            int i = e / (TT * 8), r = (e / 8) % TT, c = (e % 8) * 8;
+            bool ok = r < live;
+            const floatX *src = i < N ? Hm + ((size_t)(t0 + r) * N + i) * C + c0 + c : ym + (size_t)(t0 + r) * C + c0 + c;
+            cp_async16(Pv(i) + r * 64 + c, ok ? src : ym, ok);
+        }
+        for (int q = threadIdx.x; q < TT * NP / 4; q += blockDim.x) {   // res rows, then post, in 16-byte pieces
+            int f = q * 4, res = f < TT * N * N, g = res ? f : f - TT * N * N, per = res ? N * N : N;
+            int bytes = max(0, min(4, live * per - g)) * 4;
+            const float *src = res ? resm + (size_t)t0 * N * N + g : postm + (size_t)t0 * N + g;
+            cp_async16_n((res ? cres : cpost) + g, bytes > 0 ? src : postm, bytes);
+        }
+    };
+    auto load = [&](int b, int j) {
+        int t0 = (tile0 + j) * TT;
+#pragma unroll
+        for (int i = 0; i < N; i++) {
+            fa_load_tile<TT>(T_(b, i), H + (size_t)t0 * nC + (size_t)i * C + c0, BT - t0, nC);
+            fa_load_tile<TT>(T_(b, N + i), dH + (size_t)t0 * nC + (size_t)i * C + c0, BT - t0, nC);
+        }
+        fa_load_tile<TT>(T_(b, 2 * N), du + (size_t)t0 * C + c0, BT - t0, C);
+        for (int i = threadIdx.x; i < TT * MT; i += blockDim.x) {
+            int r = i / MT, q = (i % MT) * 8;
+            bool ok = t0 + r < BT;
+            cp_async16(Ds(b) + r * KLD + q, dp + (ok ? (size_t)(t0 + r) * m + q : 0), ok);
+        }
+    };
+    load(0, 0);
+    cp_async_commit();
+    float macc[4][MT][4];   // H^T dp for this warp's stream: 4 tiles of 16 channels x m
+#pragma unroll
+    for (int ct = 0; ct < 4; ct++)
+#pragma unroll
+        for (int j = 0; j < MT; j++) macc[ct][j][0] = macc[ct][j][1] = macc[ct][j][2] = macc[ct][j][3] = 0.0f;
+    for (int j = 0; j < ntile; j++) {
+        int b = j & 1, t0 = (tile0 + j) * TT;
+        load_prev(j);   // these buffers were last read before the previous iteration's final barrier
+        cp_async_commit();
+        if (j + 1 < ntile) load(b ^ 1, j + 1);
+        cp_async_commit();
+        cp_async_wait<2>();   // tile j's stage
+        __syncthreads();
+        const floatX *hs = T_(b, s), *ds = Ds(b);
+        float acc[8][4];
+        dp_phiT_tile<MK, KLD>(acc, ds + rw * KLD, Ps + s * 64 * KLD, 0, lane);
+        uint32_t bb[MT][2];   // dp rows of this warp's 16 tokens as the B operand of H^T dp
+#pragma unroll
+        for (int jt = 0; jt < MT; jt++) ldsm_x2_t(bb[jt], ds + (rw + (lane % 8) + ((lane / 8) % 2) * 8) * KLD + jt * 8);
+#pragma unroll
+        for (int ct = 0; ct < 4; ct++) {
+            uint32_t a[4];
+            int mat = lane / 8;
+            ldsm_x4_t(a, hs + (rw + lane % 8 + (mat / 2) * 8) * MP_LD + ct * 16 + (mat % 2) * 8);
+#pragma unroll
+            for (int jt = 0; jt < MT; jt++) mma_bf16(macc[ct][jt], a, bb[jt][0], bb[jt][1]);
+        }
+        dh_tile_epilogue<N, DHC>(T_(b, N + s) + rw * MP_LD, hs + rw * MP_LD, T_(b, 2 * N) + rw * MP_LD, acc, kx, k0, pre, t0 + rw, BT, s, 0, lane);
+        cp_async_wait<1>();   // tile j's H^{k-1} and y^{k-1}
+        __syncthreads();   // and the finished dH^k tiles
+        // sublayer k - 1's post-mix backward on them: 8 channels of one token per thread and step,
+        // the post-mix backward kernel's arithmetic (the same dy and res^T dH^k values)
+        for (int e = threadIdx.x; e < TT * 8; e += blockDim.x) {
+            int r = e >> 3, c8 = (e & 7) * 8, t = t0 + r;
+            bool ok = t < BT;
+            float rr[N * N], pp[N], sums[NP];
+#pragma unroll
+            for (int q = 0; q < N * N; q++) rr[q] = cres[r * N * N + q];   // zero past BT
+#pragma unroll
+            for (int i = 0; i < N; i++) pp[i] = cpost[r * N + i];
+#pragma unroll
+            for (int q = 0; q < NP; q++) sums[q] = 0.0f;
+            x128 yv = *reinterpret_cast<const x128 *>(Pv(N) + r * 64 + c8), dv[N], hv[N], dyo;
+#pragma unroll
+            for (int i = 0; i < N; i++) {
+                dv[i] = *reinterpret_cast<const x128 *>(T_(b, N + i) + r * MP_LD + c8);
+                hv[i] = *reinterpret_cast<const x128 *>(Pv(i) + r * 64 + c8);
+            }
+#pragma unroll
+            for (int q = 0; q < X128; q++) {
+                float yy = tof(yv.v[q]), dyv = 0.0f;
+#pragma unroll
+                for (int i = 0; i < N; i++) {
+                    float di = tof(dv[i].v[q]);
+                    sums[i] += di * yy;
+                    dyv += pp[i] * di;
+#pragma unroll
+                    for (int jj = 0; jj < N; jj++) sums[N + i * N + jj] += di * tof(hv[jj].v[q]);
+                }
+                dyo.v[q] = tox(dyv);
+            }
+            if (ok) store128(dym + (size_t)t * C + c0 + c8, dyo);
+#pragma unroll
+            for (int jj = 0; jj < N; jj++) {
+                x128 gv;
+#pragma unroll
+                for (int q = 0; q < X128; q++) {
+                    float sum = 0.0f;
+#pragma unroll
+                    for (int i = 0; i < N; i++) sum += rr[i * N + jj] * tof(dv[i].v[q]);
+                    gv.v[q] = tox(sum);
+                }
+                if (ok) store128(dHm + ((size_t)t * N + jj) * C + c0 + c8, gv);
+            }
+#pragma unroll
+            for (int q = 0; q < NP; q++)   // over the 8 threads of this token (consecutive lanes)
+#pragma unroll
+                for (int o = 1; o < 8; o <<= 1) sums[q] += __shfl_xor_sync(0xffffffff, sums[q], o);
+            if (ok && (e & 7) == 0)
+#pragma unroll
+                for (int q = 0; q < NP; q++) part[((size_t)blockIdx.y * BT + t) * NP + q] = sums[q];
+        }
+        __syncthreads();   // buffer b is refilled next iteration
+    }
+    // this warp's share of H^T dp: group (blockIdx.x, token half) of Mpart; warps of one stream
+    // (n = 2) write separate groups
+    float *mp = Mpart + ((size_t)blockIdx.x * (4 / N) + warp / N) * nC * m;
+#pragma unroll
+    for (int ct = 0; ct < 4; ct++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            size_t row = (size_t)s * C + c0 + ct * 16 + lane / 4 + 8 * h;
+#pragma unroll
+            for (int jt = 0; jt < MT; jt++)
+                *reinterpret_cast<float2 *>(mp + row * m + jt * 8 + 2 * (lane % 4)) = make_float2(macc[ct][jt][2 * h], macc[ct][jt][2 * h + 1]);
+        }
+}
+
+// dpost, dres of sublayer k - 1 = the sums of the boundary kernel's per-channel-range parts, in order
+__global__ void hc_dpost_reduce_kernel(float *dpost, float *dres, const float *part, int BT, int n, int ranges) {
+    int np = n + n * n;
+    size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (size_t)BT * np) return;
+    float s = 0.0f;
+    for (int r = 0; r < ranges; r++) s += part[(size_t)r * BT * np + e];
+    size_t t = e / np;
+    int q = (int)(e % np);
+    if (q < n) dpost[t * n + q] = s;
+    else dres[t * n * n + q - n] = s;
+}
+
+
+template <int N, bool DHC>
+static void hc_boundary_launch(floatX *dH, float *dphi, int accumulate, const floatX *H, const floatX *dp, const float *kx, const float *k0,
+                               const floatX *phi, const floatX *du, const float *pre, const HcPrev *pv, int BT, int C) {
+    using S = BdShape<N>;
+    static int sms = 0;
+    if (sms == 0) {   // over the 48 KB default: opt in once per instantiation
+        cudaCheck(cudaFuncSetAttribute(hc_boundary_backward_kernel<N, DHC>, cudaFuncAttributeMaxDynamicSharedMemorySize, S::SMEM));
+        int dev;
+        cudaCheck(cudaGetDevice(&dev));
+        cudaCheck(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    }
+    // one wave of three blocks per SM: token groups x channel ranges
+    int ranges = C / 64, tiles = ceil_div(BT, S::TT), G = max(1, 3 * sms / ranges), tpg = ceil_div(tiles, G);
+    G = ceil_div(tiles, tpg);
+    size_t count = (size_t)N * C * S::m, gm = (size_t)G * (4 / N);
+    float *Mpart = (float *)dscratch(3, (gm * count + (size_t)ranges * BT * S::NP) * sizeof(float));
+    float *part = Mpart + gm * count;
+    hc_boundary_backward_kernel<N, DHC><<<dim3(G, ranges), 128, S::SMEM>>>(pv->dH, pv->dy, part, Mpart, H, dH, dp, kx, k0, phi, du, pre,
+                                                                           pv->H, pv->y, pv->post, pv->res, BT, C, tpg);
+    kernelCheck();
+    mhc_dphi_reduce_kernel<<<ceil_div(count, 256), 256>>>(dphi, Mpart, (int)gm, count, accumulate);
+    kernelCheck();
+    hc_dpost_reduce_kernel<<<ceil_div((size_t)BT * S::NP, 256), 256>>>(pv->dpost, pv->dres, part, BT, N, ranges);
+    kernelCheck();
+}
+
+template <bool DHC>
+static void hc_boundary(int n, floatX *dH, float *dphi, int accumulate, const floatX *H, const floatX *dp, const float *kx, const float *k0,
+                        const floatX *phi, const floatX *du, const float *pre, const HcPrev *pv, int BT, int C) {
+    if (n == 2) hc_boundary_launch<2, DHC>(dH, dphi, accumulate, H, dp, kx, k0, phi, du, pre, pv, BT, C);
+    else if (n == 4) hc_boundary_launch<4, DHC>(dH, dphi, accumulate, H, dp, kx, k0, phi, du, pre, pv, BT, C);
+    else die("internal: the fused backward boundary takes n = 2 or 4 (n=%d)", n);
 }
 
 // the tensor-core products (mHC's, and dHC's through its block-diagonal phi) apply: C a multiple of 64 (a 64-column tile lies in one stream),
@@ -3434,7 +3669,9 @@ static void hc_coeffs_forward(GPTHC *model, int k, const floatX *Hk, int BT, int
 }
 
 // du: the sublayer input's gradient, for mHC's fused dH pass (the pre-mix term; see hc_fuses_premix)
-static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *Hk, const floatX *du, int BT) {
+// pv: sublayer k - 1's post-mix backward, fused into the dH pass (hc_fused_boundary); dH^k is then
+// not written
+static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *Hk, const floatX *du, int BT, const HcPrev *pv = NULL) {
     ProfScope prof(PROF_HC_COEF);
     const GPTHCConfig *c = &model->config;
     ParameterTensors *p = &model->params, *g = &model->grads;
@@ -3455,7 +3692,8 @@ static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *H
         // the per-channel parameter gradients
         float *M = (float *)dscratch(1, (size_t)nC * m * sizeof(float) + (size_t)(w + 2 * ng) * sizeof(float) + 64);
         float *sums = M + (size_t)nC * m;
-        mhc_dh<true>(n, dHk, M, 0, Hk, dpx, kx, k0, model->dhc_phi + (size_t)k * nC * m, du, a->pre + o1, BT, C);
+        if (pv) hc_boundary<true>(n, dHk, M, 0, Hk, dpx, kx, k0, model->dhc_phi + (size_t)k * nC * m, du, a->pre + o1, pv, BT, C);
+        else mhc_dh<true>(n, dHk, M, 0, Hk, dpx, kx, k0, model->dhc_phi + (size_t)k * nC * m, du, a->pre + o1, BT, C);
         cudaCheck(cudaMemset(sums, 0, (w + 2 * ng) * sizeof(float)));
         colsum(sums, rows, BT, w + 2 * ng);
         hc_small_grads_scatter_kernel<<<1, 128>>>(g->hc_A + (size_t)k * n * n1, g->hc_b + (size_t)k * n, g->hc_sa + k, g->hc_sb + k, sums, n);
@@ -3516,7 +3754,8 @@ static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *H
         const floatX *phix = px(model, P_MHC_PHI) + (size_t)k * nC * m;
 #if !defined(ENABLE_FP32)
         if (hc_tensor_cores(C, m)) {   // dH += pre_i du + dp @ phi^T + kx H and dphi += vec(H)^T dp, one pass over H and dH
-            mhc_dh<false>(n, dHk, g->mhc_phi + (size_t)k * nC * m, 1, Hk, dpx, kx, NULL, phix, du, a->pre + o1, BT, C);
+            if (pv) hc_boundary<false>(n, dHk, g->mhc_phi + (size_t)k * nC * m, 1, Hk, dpx, kx, NULL, phix, du, a->pre + o1, pv, BT, C);
+            else mhc_dh<false>(n, dHk, g->mhc_phi + (size_t)k * nC * m, 1, Hk, dpx, kx, NULL, phix, du, a->pre + o1, BT, C);
         } else
 #endif
         {
@@ -3662,15 +3901,20 @@ void gpt_backward(GPTHC *model, float loss_scale, int last) {
     // modes dy alternates between two buffers and attention and MLP sublayers alternate, so sublayer
     // k first rewrites what sublayer k + 2 read; in residual mode dy is the state gradient dH^{j+1},
     // whose slot sublayer k's LayerNorm backward rewrites at k = j - 1.
-    int hc = c->mode != MODE_RESIDUAL;
+    // With the fused boundary (hc_fused_boundary), step k also runs sublayer k - 1's post-mix
+    // backward, so dy^{k-1} is written at step k and step k reads H^{k-1}.
+    int hc = c->mode != MODE_RESIDUAL, fused = hc && hc_fused_boundary(c), rc_block = -1;
     for (int k = K - 1; k >= 0; k--) {
         if (!hc && k < K - 1) side_wait((k + 1) % 2);
-        if (hc && k < K - 2) side_wait(k % 2);
-        if (Lr > 1 && (k == K - 1 || k % Lr == Lr - 1)) {   // entering block [k0, k]: recompute its inner states
-            ProfScope prof(PROF_HC);
-            for (int j = k - k % Lr; j < k; j++)
+        if (hc && !fused && k < K - 2) side_wait(k % 2);
+        for (int q = k; q >= k - fused && q >= 0 && Lr > 1; q--) {   // the states this step reads
+            int bq = q / Lr;
+            if (q % Lr == 0 || bq == rc_block) continue;   // stored, or its block is recomputed
+            ProfScope prof(PROF_HC);   // recompute the inner states of block bq (the shared slots)
+            for (int j = bq * Lr; j < min(bq * Lr + Lr - 1, K - 1); j++)
                 DISPATCH_N(n, hc_postmix_forward_kernel, ceil_div(BT, 4), 128, hstate(model, j + 1), hstate(model, j), a->y + j * BT * C,
                            a->post + j * BT * n, a->res + j * BT * n * n, (int)BT, C);
+            rc_block = bq;
         }
         // the state gradients alternate between two buffers: dH^k in slot k % 2
         floatX *Hk = hstate(model, k), *dHk = ga->H + (k % 2) * S, *dHn = ga->H + ((k + 1) % 2) * S;
@@ -3679,7 +3923,7 @@ void gpt_backward(GPTHC *model, float loss_scale, int last) {
         } else {
             floatX *u = a->u + k * BT * C, *du = ga->u, *dy = ga->y + (k % 2) * BT * C;   // two dy buffers: see side_wait
             size_t o1 = k * BT * n, o2 = k * BT * n * n;
-            {
+            if (!fused || k == K - 1) {   // else done by step k + 1
                 ProfScope prof(PROF_HC);
                 DISPATCH_N(n, hc_postmix_backward_kernel, ceil_div(BT, 4), 128, dHk, dy, ga->post, ga->res, dHn, Hk, a->y + k * BT * C,
                            a->post + o1, a->res + o2, (int)BT, C);
@@ -3692,7 +3936,15 @@ void gpt_backward(GPTHC *model, float loss_scale, int last) {
                            a->pre + o1, (int)BT, C);
                 kernelCheck();
             }
-            hc_coeffs_backward(model, k, dHk, Hk, du, BT);
+            if (fused && k > 0) {   // with sublayer k - 1's post-mix backward; its dy buffer was read by sublayer k + 1's weight gradients
+                size_t j = k - 1;
+                HcPrev pv = {dHn, ga->y + (j % 2) * BT * C, ga->post, ga->res, hstate(model, (int)j), a->y + j * BT * C, a->post + j * BT * n,
+                             a->res + j * BT * n * n};
+                if (k + 1 < K) side_wait(j % 2);
+                hc_coeffs_backward(model, k, dHk, Hk, du, BT, &pv);
+            } else {
+                hc_coeffs_backward(model, k, dHk, Hk, du, BT);
+            }
         }
         side_mark(k % 2);   // everything sublayer k handed to the side stream
         if (last && g_multi.world > 1 && k % 2 == 0 && overlap_on()) {   // layer k/2 is done

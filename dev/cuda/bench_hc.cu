@@ -12,8 +12,11 @@ HC/mHC kernels of train_gpt_hc.cu timed against their memory floor (issues 4 and
   post-mix of sublayer k + projection of sublayer k + 1
                            1: hc_postmix_forward_kernel, then mhc_proj_forward_kernel (H' read back)
                            2: hc_postmix_proj (the trainer's at n <= 4): one pass, H' formed on chip
+  dH pass of sublayer k + post-mix backward of sublayer k - 1
+                           1: mhc_dh (writes dH^k), then hc_postmix_backward_kernel (reads it back)
+                           2: hc_boundary (the trainer's at n <= 4): one kernel, dH^k kept on chip
   and mHC's coefficient kernels (gates, Sinkhorn-Knopp forward and backward, thread per row).
-Each variant 2 is checked against its variant 1 on random inputs first. Floor = bytes that must
+Each variant 2 (and 3) is checked against variant 1 on random inputs first. Floor = bytes that must
 move (each input read once, each output written once) / the measured device-to-device copy rate.
     make dev/cuda/bench_hc && ./dev/cuda/bench_hc [B*T] [C]     (default 16384 768)
 */
@@ -269,6 +272,45 @@ int main(int argc, char **argv) {
     }
     row("post-mix fwd + next projection 1: two kernels", median_ms(bnd1), 2 * hb + xb + BT * MM * 4.0);
     row("post-mix fwd + next projection 2: one kernel", median_ms(bnd2), 2 * hb + xb + BT * MM * 4.0);
+    // backward boundary fusion: the dH pass of sublayer k and the post-mix backward of sublayer k - 1
+    floatX *Hm = rand_dev(nh, 1.0f, &rng), *dHk = dalloc<floatX>(nh), *dHm1 = dalloc<floatX>(nh), *dHm2 = dalloc<floatX>(nh);
+    floatX *dy2 = dalloc<floatX>((size_t)BT * C);
+    float *dpost2 = dalloc<float>((size_t)BT * NN), *dres2 = dalloc<float>((size_t)BT * NN * NN), *dphi4 = dalloc<float>((size_t)nC * MM);
+    HcPrev pv = {dHm2, dy2, dpost2, dres2, Hm, y, post, res};
+    auto bb1 = [&] {
+        mhc_dh<false>(NN, dHk, dphi3, 0, H, dp, kx, NULL, phi, du, pre, BT, C);
+        hc_postmix_backward_kernel<NN><<<ceil_div(BT, 4), 128>>>(dHm1, dy, dpost, dres, dHk, Hm, y, post, res, BT, C);
+    };
+    auto bb2 = [&] { hc_boundary<false>(NN, dH, dphi4, 0, H, dp, kx, NULL, phi, du, pre, &pv, BT, C); };
+    cudaCheck(cudaMemcpy(dHk, dH, nh * sizeof(floatX), cudaMemcpyDeviceToDevice));   // variant 1 accumulates into dH^k
+    bb1();
+    bb2();
+    kernelCheck();
+    {
+        floatX *a = (floatX *)mallocCheck(nh * sizeof(floatX)), *b = (floatX *)mallocCheck(nh * sizeof(floatX));
+        cudaCheck(cudaMemcpy(a, dHm1, nh * sizeof(floatX), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(b, dHm2, nh * sizeof(floatX), cudaMemcpyDeviceToHost));
+        int same = memcmp(a, b, nh * sizeof(floatX)) == 0;
+        cudaCheck(cudaMemcpy(a, dy, (size_t)BT * C * sizeof(floatX), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(b, dy2, (size_t)BT * C * sizeof(floatX), cudaMemcpyDeviceToHost));
+        same = same && memcmp(a, b, (size_t)BT * C * sizeof(floatX)) == 0;
+        size_t nmax = (size_t)nC * MM > (size_t)BT * NN * NN ? (size_t)nC * MM : (size_t)BT * NN * NN;
+        float *fa = (float *)mallocCheck(nmax * 4), *fb = (float *)mallocCheck(nmax * 4);
+        double worst = 0.0, e, m;
+        const float *pairs[3][2] = {{dpost, dpost2}, {dres, dres2}, {dphi3, dphi4}};
+        size_t counts[3] = {(size_t)BT * NN, (size_t)BT * NN * NN, (size_t)nC * MM};
+        for (int q = 0; q < 3; q++) {
+            cudaCheck(cudaMemcpy(fa, pairs[q][0], counts[q] * 4, cudaMemcpyDeviceToHost));
+            cudaCheck(cudaMemcpy(fb, pairs[q][1], counts[q] * 4, cudaMemcpyDeviceToHost));
+            diff_stats(fb, fa, counts[q], &e, &m);
+            worst = fmax(worst, e / m);
+        }
+        printf("check: dH pass + previous post-mix backward fused: dH^{k-1}, dy %s, dpost/dres/dphi rel err <= %.1e -> %s\n",
+               same ? "bit-identical" : "DIFFERENT", worst, same && worst < 1e-5 ? "agree" : "DISAGREE");
+        free(a); free(b); free(fa); free(fb);
+    }
+    row("dH pass + prev post-mix bwd 1: two kernels", median_ms(bb1), 4 * hb + 3 * xb + BT * MM * 2.0);
+    row("dH pass + prev post-mix bwd 2: one kernel", median_ms(bb2), 4 * hb + 3 * xb + BT * MM * 2.0);
     // mHC's coefficients: gates and Sinkhorn-Knopp (20 iterations), forward and backward, one thread
     // per matrix row (latency-bound: the floor counts their few bytes per token)
     float *zb = dalloc<float>((size_t)BT * MM), *bias = rand_devf(MM, 0.0f, 0.5f, &rng), *alpha = rand_devf(3, 1.0f, 0.1f, &rng);
