@@ -1973,6 +1973,61 @@ __global__ void hc_premix_forward_kernel(floatX *u, const floatX *H, const float
     }
 }
 
+// u = sum_i pre[i] H_i and the LayerNorm that starts the sublayer (out, mean, rstd), one warp per
+// token: hc_premix_forward_kernel's and layernorm_forward_vec_kernel's arithmetic (the same values),
+// without reading u back. PN_NV 16-byte chunks per lane at most: C <= 32 * PN_NV * X128
+#define PN_NV 8
+template <int N>
+__global__ void hc_premix_ln_kernel(floatX *u, floatX *out, float *mean, float *rstd, const floatX *H, const float *pre, const floatX *w,
+                                    const floatX *b, int BT, int C) {
+    int bt = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32, nv = C / X128;
+    if (bt >= BT) return;
+    const floatX *h = H + (size_t)bt * N * C;
+    float p[N];
+#pragma unroll
+    for (int i = 0; i < N; i++) p[i] = pre[(size_t)bt * N + i];
+    x128 v[PN_NV];
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < PN_NV; j++) {
+        int c = (lane + 32 * j) * X128;
+        if (c < C) {
+            float acc[X128];
+#pragma unroll
+            for (int e = 0; e < X128; e++) acc[e] = 0.0f;
+#pragma unroll
+            for (int i = 0; i < N; i++) {
+                x128 hv = load128(h + (size_t)i * C + c);
+#pragma unroll
+                for (int e = 0; e < X128; e++) acc[e] += p[i] * tof(hv.v[e]);
+            }
+#pragma unroll
+            for (int e = 0; e < X128; e++) v[j].v[e] = tox(acc[e]);
+            store128(u + (size_t)bt * C + c, v[j]);
+#pragma unroll
+            for (int e = 0; e < X128; e++) s += tof(v[j].v[e]);
+        }
+    }
+    float m = warp_sum(s) / C, var = 0.0f;
+#pragma unroll
+    for (int j = 0; j < PN_NV; j++)
+        if (lane + 32 * j < nv)
+#pragma unroll
+            for (int e = 0; e < X128; e++) { float d = tof(v[j].v[e]) - m; var += d * d; }
+    float rs = rsqrtf(warp_sum(var) / C + 1e-5f);
+#pragma unroll
+    for (int j = 0; j < PN_NV; j++) {
+        int i = lane + 32 * j;
+        if (i < nv) {
+            x128 wv = load128(w + i * X128), bv = load128(b + i * X128), o;
+#pragma unroll
+            for (int e = 0; e < X128; e++) o.v[e] = tox((tof(v[j].v[e]) - m) * rs * tof(wv.v[e]) + tof(bv.v[e]));
+            store128(out + (size_t)bt * C + i * X128, o);
+        }
+    }
+    if (lane == 0) { mean[bt] = m; rstd[bt] = rs; }
+}
+
 // dH += pre (x) du; dpre[i] = du . H_i
 template <int N>
 // dpre, and dH += pre_i du unless dH is NULL (mHC's tensor-core backward adds that term itself)
@@ -3820,12 +3875,20 @@ void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int
             floatX *u = a->u + k * BT * C;
             int fb = hc_fused_boundary(c);
             hc_coeffs_forward(model, k, Hk, BT, fb && k > 0);
+            int ln_done = C <= 32 * PN_NV * X128;
             {
                 ProfScope prof(PROF_HC);
-                DISPATCH_N(n, hc_premix_forward_kernel, ceil_div(BT, 4), 128, u, Hk, a->pre + k * BT * n, (int)BT, C);
+                if (ln_done) {   // u and the sublayer's LayerNorm in one pass
+                    int l = k / 2;
+                    DISPATCH_N(n, hc_premix_ln_kernel, ceil_div(BT, 8), 256, u, a->ln + k * BT * C, a->ln_mean + k * BT, a->ln_rstd + k * BT, Hk,
+                               a->pre + k * BT * n, px(model, k % 2 ? P_LN2W : P_LN1W) + l * C, px(model, k % 2 ? P_LN2B : P_LN1B) + l * C,
+                               (int)BT, C);
+                } else {
+                    DISPATCH_N(n, hc_premix_forward_kernel, ceil_div(BT, 4), 128, u, Hk, a->pre + k * BT * n, (int)BT, C);
+                }
                 kernelCheck();
             }
-            sublayer_forward(model, k, u, B, T);
+            sublayer_forward(model, k, u, B, T, ln_done);
             ProfScope prof(PROF_HC);
 #if !defined(ENABLE_FP32)
             if (fb && k + 1 < K) {   // H^{k+1} and sublayer k + 1's projection in one pass

@@ -9,6 +9,9 @@ HC/mHC kernels of train_gpt_hc.cu timed against their memory floor (issues 4 and
                            3: pre-mix backward computing dpre only, then mhc_dh (the trainer's): one
                               kernel for dH and the H^T dp partials, token tiles prefetched, + a reduce
   and the trainer's mixing kernels (pre-mix, post-mix + residual merge, forward and backward);
+  pre-mix + the sublayer's LayerNorm
+                           1: hc_premix_forward_kernel, then layernorm_forward (u read back)
+                           2: hc_premix_ln_kernel (the trainer's): one pass
   post-mix of sublayer k + projection of sublayer k + 1
                            1: hc_postmix_forward_kernel, then mhc_proj_forward_kernel (H' read back)
                            2: hc_postmix_proj (the trainer's at n <= 4): one pass, H' formed on chip
@@ -107,6 +110,12 @@ static float median_ms(F f, int reps = 21) {
         for (int j = i + 1; j < reps; j++)
             if (t[j] < t[i]) { float x = t[i]; t[i] = t[j]; t[j] = x; }
     return t[reps / 2];
+}
+
+static int g_bad = 0;   // a check disagreed: exit status 1
+static const char *verdict(bool ok) {
+    if (!ok) g_bad = 1;
+    return ok ? "agree" : "DISAGREE";
 }
 
 static void row(const char *name, float ms, double bytes) {
@@ -208,7 +217,7 @@ int main(int argc, char **argv) {
         cudaCheck(cudaMemcpy(b, dphi3, (size_t)nC * MM * 4, cudaMemcpyDeviceToHost));
         double e, m;
         diff_stats(b, a, (size_t)nC * MM, &e, &m);
-        printf("check: dH pass 3 dH rel err %.1e, dphi rel err %.1e -> %s\n", e3, e / m, e3 < 1e-2 && e / m < 1e-4 ? "agree" : "DISAGREE");
+        printf("check: dH pass 3 dH rel err %.1e, dphi rel err %.1e -> %s\n", e3, e / m, verdict(e3 < 1e-2 && e / m < 1e-4));
         free(a);
         free(b);
     }
@@ -220,7 +229,7 @@ int main(int argc, char **argv) {
         diff_stats(b, a, (size_t)BT * MM, &e, &m);
         double ed = rel_err(dH2, dH, nh);
         printf("check: projection forward p rel err %.1e, dH backward rel err %.1e -> %s\n", e / m, ed,
-               e / m < 1e-3 && ed < 1e-2 ? "agree" : "DISAGREE");
+               verdict(e / m < 1e-3 && ed < 1e-2));
         free(a);
         free(b);
     }
@@ -242,6 +251,36 @@ int main(int argc, char **argv) {
     row("pre-mix backward (dH +=, dpre)", median_ms([&] {
             hc_premix_backward_kernel<NN><<<ceil_div(BT, 4), 128>>>(dH2, dpre, du, H, pre, BT, C);
         }), 3 * hb + xb);
+    // the pre-mix and the LayerNorm that starts the sublayer
+    floatX *u2 = dalloc<floatX>((size_t)BT * C), *ln1 = dalloc<floatX>((size_t)BT * C), *ln2 = dalloc<floatX>((size_t)BT * C);
+    floatX *lnw = rand_dev(C, 1.0f, &rng), *lnb = rand_dev(C, 0.1f, &rng);
+    float *lm1 = dalloc<float>(BT), *lr1 = dalloc<float>(BT), *lm2 = dalloc<float>(BT), *lr2 = dalloc<float>(BT);
+    auto pl1 = [&] {
+        hc_premix_forward_kernel<NN><<<ceil_div(BT, 4), 128>>>(u, H, pre, BT, C);
+        layernorm_forward(ln1, lm1, lr1, u, lnw, lnb, BT, C);
+    };
+    auto pl2 = [&] { hc_premix_ln_kernel<NN><<<ceil_div(BT, 8), 256>>>(u2, ln2, lm2, lr2, H, pre, lnw, lnb, BT, C); };
+    pl1();
+    pl2();
+    kernelCheck();
+    {
+        size_t nx = (size_t)BT * C;
+        floatX *a = (floatX *)mallocCheck(nx * sizeof(floatX)), *b = (floatX *)mallocCheck(nx * sizeof(floatX));
+        cudaCheck(cudaMemcpy(a, u, nx * sizeof(floatX), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(b, u2, nx * sizeof(floatX), cudaMemcpyDeviceToHost));
+        int same = memcmp(a, b, nx * sizeof(floatX)) == 0;
+        cudaCheck(cudaMemcpy(a, ln1, nx * sizeof(floatX), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(b, ln2, nx * sizeof(floatX), cudaMemcpyDeviceToHost));
+        same = same && memcmp(a, b, nx * sizeof(floatX)) == 0;
+        float *fa = (float *)mallocCheck(BT * 4), *fb = (float *)mallocCheck(BT * 4);
+        cudaCheck(cudaMemcpy(fa, lr1, BT * 4, cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(fb, lr2, BT * 4, cudaMemcpyDeviceToHost));
+        same = same && memcmp(fa, fb, BT * 4) == 0;
+        printf("check: pre-mix + LayerNorm fused: u, ln, rstd %s -> %s\n", same ? "bit-identical" : "DIFFERENT", verdict(same));
+        free(a); free(b); free(fa); free(fb);
+    }
+    row("pre-mix + LayerNorm 1: two kernels", median_ms(pl1), hb + 2 * xb + BT * 8.0);
+    row("pre-mix + LayerNorm 2: one kernel", median_ms(pl2), hb + 2 * xb + BT * 8.0);
     // boundary fusion: the post-mix of sublayer k and the projection of sublayer k + 1
     floatX *Hn2 = dalloc<floatX>(nh);
     float *p2 = dalloc<float>((size_t)BT * MM), *r2 = dalloc<float>(BT);
@@ -267,7 +306,7 @@ int main(int argc, char **argv) {
         cudaCheck(cudaMemcpy(pb, r2, (size_t)BT * 4, cudaMemcpyDeviceToHost));
         diff_stats(pb, pa, (size_t)BT, &er, &mr);
         printf("check: post-mix + projection fused: H' %s, p rel err %.1e, rms rel err %.1e -> %s\n", same ? "bit-identical" : "DIFFERENT",
-               e / m, er / mr, same && e / m < 1e-4 && er / mr < 1e-5 ? "agree" : "DISAGREE");
+               e / m, er / mr, verdict(same && e / m < 1e-4 && er / mr < 1e-5));
         free(a); free(b); free(pa); free(pb);
     }
     row("post-mix fwd + next projection 1: two kernels", median_ms(bnd1), 2 * hb + xb + BT * MM * 4.0);
@@ -306,7 +345,7 @@ int main(int argc, char **argv) {
             worst = fmax(worst, e / m);
         }
         printf("check: dH pass + previous post-mix backward fused: dH^{k-1}, dy %s, dpost/dres/dphi rel err <= %.1e -> %s\n",
-               same ? "bit-identical" : "DIFFERENT", worst, same && worst < 1e-5 ? "agree" : "DISAGREE");
+               same ? "bit-identical" : "DIFFERENT", worst, verdict(same && worst < 1e-5));
         free(a); free(b); free(fa); free(fb);
     }
     row("dH pass + prev post-mix bwd 1: two kernels", median_ms(bb1), 4 * hb + 3 * xb + BT * MM * 2.0);
@@ -325,5 +364,6 @@ int main(int argc, char **argv) {
             mhc_coeffs_backward_kernel<NN><<<ceil_div((size_t)BT * G, 64), 64, 2 * iters * 64 * sizeof(float)>>>(
                 dpx, kx2, rows, dpre, dpost, dres, pre2, post2, r0, zb, bias, alpha, BT, NN, C, iters, NULL);
         }), BT * (MM * 4.0 + 4 + (3 * NN + NN * NN) * 4 + (MM + 3) * 4 + MM * 2 + 4));
-    return 0;
+    if (g_bad) printf("error: a kernel variant disagrees with its reference\n");
+    return g_bad;
 }
