@@ -1181,6 +1181,9 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t *r, const void *p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
 }
+__device__ __forceinline__ void ldsm_x2(uint32_t *r, const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(smem_u32(p)));
+}
 __device__ __forceinline__ void ldsm_x2_t(uint32_t *r, const void *p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(smem_u32(p)));
 }
@@ -2985,6 +2988,9 @@ __global__ void __launch_bounds__(128, 3) hc_boundary_backward_kernel(floatX *dH
     auto Ds = [&](int b) { return T_(b, 2 * N + 1); };
     auto Pv = [&](int j) { return T_(2, 0) + j * TT * 64; };
     float *cres = reinterpret_cast<float *>(Pv(N + 1)), *cpost = cres + TT * N * N;
+    // the 16-byte chunks of row r of H^{k-1}_j (j = N: y) sit XOR-swizzled, so that the 8 rows of one
+    // ldmatrix below ((token, stream) pairs, or tokens for y) fall in distinct bank groups
+    auto pv_swz = [&](int chunk, int r, int j) { return chunk ^ ((j < N ? r * N + j : r) & 7); };
     for (int i = threadIdx.x; i < N * 64 * MT; i += blockDim.x) {
         int r = i / MT, q = (i % MT) * 8;   // r = stream * 64 + channel
         cp_async16(Ps + r * KLD + q, phi + ((size_t)(r / 64) * C + c0 + r % 64) * m + q, true);
@@ -2999,7 +3005,7 @@ __global__ void __launch_bounds__(128, 3) hc_boundary_backward_kernel(floatX *dH
             int i = e / (TT * 8), r = (e / 8) % TT, c = (e % 8) * 8;
             bool ok = r < live;
             const floatX *src = i < N ? Hm + ((size_t)(t0 + r) * N + i) * C + c0 + c : ym + (size_t)(t0 + r) * C + c0 + c;
-            cp_async16(Pv(i) + r * 64 + c, ok ? src : ym, ok);
+            cp_async16(Pv(i) + r * 64 + pv_swz(c / 8, r, i) * 8, ok ? src : ym, ok);
         }
         for (int q = threadIdx.x; q < TT * NP / 4; q += blockDim.x) {   // res rows, then post, in 16-byte pieces
             int f = q * 4, res = f < TT * N * N, g = res ? f : f - TT * N * N, per = res ? N * N : N;
@@ -3054,38 +3060,27 @@ __global__ void __launch_bounds__(128, 3) hc_boundary_backward_kernel(floatX *dH
         dh_tile_epilogue<N, DHC>(T_(b, N + s) + rw * MP_LD, hs + rw * MP_LD, T_(b, 2 * N) + rw * MP_LD, acc, kx, k0, pre, t0 + rw, BT, s, 0, lane);
         cp_async_wait<1>();   // tile j's H^{k-1} and y^{k-1}
         __syncthreads();   // and the finished dH^k tiles
-        // sublayer k - 1's post-mix backward on them: 8 channels of one token per thread and step,
-        // the post-mix backward kernel's arithmetic (the same dy and res^T dH^k values)
+        // sublayer k - 1's post-mix backward on them: dy and res^T dH^k with 8 channels of one token
+        // per thread and step (the post-mix backward kernel's arithmetic: the same values)
         for (int e = threadIdx.x; e < TT * 8; e += blockDim.x) {
             int r = e >> 3, c8 = (e & 7) * 8, t = t0 + r;
-            bool ok = t < BT;
-            float rr[N * N], pp[N], sums[NP];
+            if (t >= BT) continue;
+            float rr[N * N], pp[N];
 #pragma unroll
-            for (int q = 0; q < N * N; q++) rr[q] = cres[r * N * N + q];   // zero past BT
+            for (int q = 0; q < N * N; q++) rr[q] = cres[r * N * N + q];
 #pragma unroll
             for (int i = 0; i < N; i++) pp[i] = cpost[r * N + i];
+            x128 dv[N], dyo;
 #pragma unroll
-            for (int q = 0; q < NP; q++) sums[q] = 0.0f;
-            x128 yv = *reinterpret_cast<const x128 *>(Pv(N) + r * 64 + c8), dv[N], hv[N], dyo;
-#pragma unroll
-            for (int i = 0; i < N; i++) {
-                dv[i] = *reinterpret_cast<const x128 *>(T_(b, N + i) + r * MP_LD + c8);
-                hv[i] = *reinterpret_cast<const x128 *>(Pv(i) + r * 64 + c8);
-            }
+            for (int i = 0; i < N; i++) dv[i] = *reinterpret_cast<const x128 *>(T_(b, N + i) + r * MP_LD + c8);
 #pragma unroll
             for (int q = 0; q < X128; q++) {
-                float yy = tof(yv.v[q]), dyv = 0.0f;
+                float dyv = 0.0f;
 #pragma unroll
-                for (int i = 0; i < N; i++) {
-                    float di = tof(dv[i].v[q]);
-                    sums[i] += di * yy;
-                    dyv += pp[i] * di;
-#pragma unroll
-                    for (int jj = 0; jj < N; jj++) sums[N + i * N + jj] += di * tof(hv[jj].v[q]);
-                }
+                for (int i = 0; i < N; i++) dyv += pp[i] * tof(dv[i].v[q]);
                 dyo.v[q] = tox(dyv);
             }
-            if (ok) store128(dym + (size_t)t * C + c0 + c8, dyo);
+            store128(dym + (size_t)t * C + c0 + c8, dyo);
 #pragma unroll
             for (int jj = 0; jj < N; jj++) {
                 x128 gv;
@@ -3096,15 +3091,43 @@ __global__ void __launch_bounds__(128, 3) hc_boundary_backward_kernel(floatX *dH
                     for (int i = 0; i < N; i++) sum += rr[i * N + jj] * tof(dv[i].v[q]);
                     gv.v[q] = tox(sum);
                 }
-                if (ok) store128(dHm + ((size_t)t * N + jj) * C + c0 + c8, gv);
+                store128(dHm + ((size_t)t * N + jj) * C + c0 + c8, gv);
+            }
+        }
+        // and the per-token sums over this block's 64 channels, dres_ij = dH^k_i . H^{k-1}_j and
+        // dpost_i = dH^k_i . y, on tensor cores: warp w takes tokens [w TG, w TG + TG) (TG = 16 / n),
+        // A = their dH^k rows (row i TG + l: stream i of token l), B = their H^{k-1} rows (column
+        // l' n + j, two n-tiles) and y rows (column l', one n-tile); only entries with l = l' are kept
+        {
+            constexpr int TG = 16 / N;
+            float sc[3][4];
+#pragma unroll
+            for (int nt = 0; nt < 3; nt++) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+            int tb = warp * TG, q8 = lane / 8, ar = (q8 % 2) * 8 + lane % 8;   // this lane's A row for ldmatrix
+            const floatX *arow = T_(b, N + ar / TG) + (tb + ar % TG) * MP_LD + (q8 / 2) * 8;
+            int bn = lane % 8, bk = (lane / 8) % 2;   // this lane's B column and k half for ldmatrix (x2)
+#pragma unroll
+            for (int ks = 0; ks < 4; ks++) {
+                uint32_t a[4];
+                ldsm_x4(a, arow + ks * 16);
+#pragma unroll
+                for (int nt = 0; nt < 3; nt++) {
+                    int col = nt * 8 + bn, j = nt < 2 ? col % N : N, rb = tb + (nt < 2 ? col / N : bn % TG);
+                    uint32_t bf[2];
+                    ldsm_x2(bf, Pv(j) + rb * 64 + pv_swz(ks * 2 + bk, rb, j) * 8);
+                    mma_bf16(sc[nt], a, bf[0], bf[1]);
+                }
             }
 #pragma unroll
-            for (int q = 0; q < NP; q++)   // over the 8 threads of this token (consecutive lanes)
+            for (int nt = 0; nt < 3; nt++)
 #pragma unroll
-                for (int o = 1; o < 8; o <<= 1) sums[q] += __shfl_xor_sync(0xffffffff, sums[q], o);
-            if (ok && (e & 7) == 0)
-#pragma unroll
-                for (int q = 0; q < NP; q++) part[((size_t)blockIdx.y * BT + t) * NP + q] = sums[q];
+                for (int v = 0; v < 4; v++) {
+                    int row = lane / 4 + 8 * (v / 2), col = nt * 8 + 2 * (lane % 4) + v % 2;
+                    int i = row / TG, l = row % TG, l2 = nt < 2 ? col / N : col - 16, t = t0 + tb + l;
+                    if (l2 != l || t >= BT) continue;
+                    int q = nt < 2 ? N + i * N + col % N : i;
+                    part[((size_t)blockIdx.y * BT + t) * NP + q] = sc[nt][v];
+                }
         }
         __syncthreads();   // buffer b is refilled next iteration
     }
