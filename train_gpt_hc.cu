@@ -13,7 +13,8 @@ BF16 (head size 64) is cuDNN's fused SDPA (built with the backend graph API, det
 backward), with our FlashAttention-2 kernels on mma.sync as the fallback; elsewhere cuBLAS batched
 matmuls around a masked softmax (llm.c's non-cuDNN path). The HC mixing kernels are templated on n
 and work one warp per token; mHC's x @ phi products run on tensor cores with the rms terms fused,
-the projection of sublayer k + 1 fused into the post-mix of sublayer k. Variants side by side:
+the projection of sublayer k + 1 fused into the post-mix of sublayer k, the post-mix backward of
+sublayer k - 1 into the dH pass of sublayer k, the LayerNorm into the pre-mix. Variants side by side:
 dev/cuda/bench_attention.cu, dev/cuda/bench_hc.cu; measurements and history: dev/NOTES.md.
 */
 #include <cublasLt.h>
@@ -2954,18 +2955,20 @@ static void mhc_dh(int n, floatX *dH, float *dphi, int accumulate, const floatX 
 // pre_i du + dp @ phi^T + kx H (+ k0), Mpart = H^T dp) and sublayer k - 1's post-mix backward in
 // one kernel. The finished dH^k never goes to memory: the block keeps its tile on chip and forms
 // from it dy^{k-1} = sum_i post_i dH^k_i, sublayer k - 1's first dH term res^T dH^k, and the
-// per-token sums dpost_i = dH^k_i . y, dres_ij = dH^k_i . H^{k-1}_j over its 64 channels (summed
-// over the channel ranges by hc_dpost_reduce_kernel). A block owns 64 channels of every stream, so
-// the mixing over streams stays in the block; it walks the tiles of its token group (TT = 64 / n
-// tokens each, one warp per (stream, 16 tokens)) through two cp.async stages. Per sublayer this
-// saves writing dH^k and reading it back (200 MB at d12, n = 4). n = 2, 4 (shared memory).
+// per-token sums dpost_i = dH^k_i . y, dres_ij = dH^k_i . H^{k-1}_j over its 64 channels (tensor
+// cores; summed over the channel ranges by hc_dpost_reduce_kernel). A block owns 64 channels of
+// every stream, so the mixing over streams stays in the block; it walks the tiles of its token
+// group (TT = 64 / n tokens each, one warp per (stream, 16 tokens) for the products) with two
+// cp.async stages of what the dH pass reads and one of what the post-mix backward reads (it lands
+// while the dH products run), three blocks per SM. Per sublayer this saves writing dH^k and reading
+// it back (200 MB at d12, n = 4): 192 us against 140 + 116 apart. n = 2, 4 (shared memory).
 template <int N>
 struct BdShape {
     static constexpr int m = N * N + 2 * N, MT = m / 8, MK = (m + 15) / 16 * 16, KLD = MK + 8, TT = 64 / N, NP = N + N * N;
     static constexpr int TILE = TT * MP_LD;                 // one tile: TT tokens x 64 channels
     static constexpr int STAGE = (2 * N + 1) * TILE + TT * KLD;   // two stages of H^k, dH^k per stream, du, dp
-    // one buffer of H^{k-1} per stream and y^{k-1} (dense rows: read by 16-byte rows of 8 threads),
-    // and res, post of sublayer k - 1 (TT N^2 + TT N floats)
+    // one buffer of H^{k-1} per stream and y^{k-1} (dense rows, chunks swizzled: see pv_swz), and
+    // res, post of sublayer k - 1 (TT N^2 + TT N floats)
     static constexpr int PREV = (N + 1) * TT * 64 + 2 * TT * NP;
     // 74 KB at n = 4: three blocks per SM
     static constexpr int SMEM = (N * 64 * KLD + 2 * STAGE + PREV) * (int)sizeof(floatX);   // + the n phi tiles
@@ -3351,9 +3354,11 @@ static int hc_fuses_premix(const GPTHCConfig *c) {
 #endif
 }
 
-// the post-mix of sublayer k and the projection of sublayer k + 1 in one kernel (hc_postmix_proj_kernel)
+// kernels across sublayer boundaries: the post-mix of sublayer k and the projection of sublayer
+// k + 1 (hc_postmix_proj_kernel); the dH pass of k and the post-mix backward of k - 1
+// (hc_boundary_backward_kernel)
 static int hc_fused_boundary(const GPTHCConfig *c) {
-    static int off = -1;   // GPT_HC_FUSE_BOUNDARY=0: the two kernels apart (comparisons)
+    static int off = -1;   // GPT_HC_FUSE_BOUNDARY=0: the kernels apart (comparisons)
     if (off < 0) off = getenv("GPT_HC_FUSE_BOUNDARY") && atoi(getenv("GPT_HC_FUSE_BOUNDARY")) == 0;
     return !off && hc_fuses_premix(c) && (c->n == 2 || c->n == 4);
 }
