@@ -3166,15 +3166,14 @@ template <int N, bool DHC>
 static void hc_boundary_launch(floatX *dH, float *dphi, int accumulate, const floatX *H, const floatX *dp, const float *kx, const float *k0,
                                const floatX *phi, const floatX *du, const float *pre, const HcPrev *pv, int BT, int C) {
     using S = BdShape<N>;
-    static int sms = 0;
-    if (sms == 0) {   // over the 48 KB default: opt in once per instantiation
+    static bool attr = false;
+    if (!attr) {   // over the 48 KB default: opt in once per instantiation
         cudaCheck(cudaFuncSetAttribute(hc_boundary_backward_kernel<N, DHC>, cudaFuncAttributeMaxDynamicSharedMemorySize, S::SMEM));
-        int dev;
-        cudaCheck(cudaGetDevice(&dev));
-        cudaCheck(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+        attr = true;
     }
-    // one wave of three blocks per SM: token groups x channel ranges
-    int ranges = C / 64, tiles = ceil_div(BT, S::TT), G = max(1, 3 * sms / ranges), tpg = ceil_div(tiles, G);
+    // token groups x channel ranges: one wave of three blocks on each of an H100's 132 SMs. A
+    // constant, not the device's SM count: the dphi sums (over the groups) must not depend on the GPU
+    int ranges = C / 64, tiles = ceil_div(BT, S::TT), G = max(1, 3 * 132 / ranges), tpg = ceil_div(tiles, G);
     G = ceil_div(tiles, tpg);
     size_t count = (size_t)N * C * S::m, gm = (size_t)G * (4 / N);
     float *Mpart = (float *)dscratch(3, (gm * count + (size_t)ranges * BT * S::NP) * sizeof(float));
@@ -3788,6 +3787,7 @@ static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *H
         return;
     }
 #endif
+    if (pv && !hc_fuses_premix(c)) die("internal: the fused boundary needs the tensor-core HC kernels");
     if (c->mode == MODE_SHC || c->mode == MODE_DHC) {
         int dyn = c->mode == MODE_DHC, w = n * n1 + n + 2;
         if (dyn) {
@@ -3973,8 +3973,8 @@ void gpt_backward(GPTHC *model, float loss_scale, int last) {
     ParameterTensors *g = &model->grads;
     ActivationTensors *a = &model->acts, *ga = &model->grads_acts;
     // every gradient buffer is written before it is read: dlogits (unscaled) by the forward, dH^K by
-    // the stream-sum backward, each dH^k first by the post-mix backward (or, residual, the LayerNorm
-    // backward), then accumulated
+    // the stream-sum backward, each dH^k first by the post-mix backward (with the fused boundary, by
+    // step k + 1's kernel; residual: the LayerNorm backward), then accumulated
     // wte gets two terms per micro-batch (classifier, embedding); they are summed before they
     // meet the accumulated gradient, so accumulating micro-batches on one GPU adds the same
     // per-batch values as summing them over GPUs: the result does not depend on the GPU count
