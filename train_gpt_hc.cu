@@ -600,6 +600,32 @@ __global__ void add_kernel(floatX *out, const floatX *a, const floatX *b, size_t
     if (i < N) out[i] = tox(tof(a[i]) + tof(b[i]));
 }
 
+// the rest of a LayerNorm row held by a warp in registers (lane's chunks lane + 32 j, s its sum of
+// their values): mean, variance, the normalized row to out, mean and rstd
+template <int NV>
+__device__ __forceinline__ void ln_row_finish(const x128 (&v)[NV], float s, int C, const floatX *w, const floatX *b, floatX *out, float *mean,
+                                              float *rstd, int lane) {
+    int nv = C / X128;
+    float m = warp_sum(s) / C, var = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NV; j++)
+        if (lane + 32 * j < nv)
+#pragma unroll
+            for (int e = 0; e < X128; e++) { float d = tof(v[j].v[e]) - m; var += d * d; }
+    float rs = rsqrtf(warp_sum(var) / C + 1e-5f);
+#pragma unroll
+    for (int j = 0; j < NV; j++) {
+        int i = lane + 32 * j;
+        if (i < nv) {
+            x128 wv = load128(w + i * X128), bv = load128(b + i * X128), o;
+#pragma unroll
+            for (int e = 0; e < X128; e++) o.v[e] = tox((tof(v[j].v[e]) - m) * rs * tof(wv.v[e]) + tof(bv.v[e]));
+            store128(out + i * X128, o);
+        }
+    }
+    if (lane == 0) { *mean = m; *rstd = rs; }
+}
+
 // The LayerNorms of the step: one warp per row, each lane holding NV 16-byte chunks of the row in
 // registers (C <= 32 * 8 * X128; wider rows take the block-per-row kernels above)
 // With inp2, the input is inp + inp2 (rounded to floatX), also stored to sum: the residual add
@@ -627,24 +653,7 @@ __global__ void layernorm_forward_vec_kernel(floatX *out, float *mean, float *rs
             for (int e = 0; e < X128; e++) s += tof(v[j].v[e]);
         }
     }
-    float m = warp_sum(s) / C, var = 0.0f;
-#pragma unroll
-    for (int j = 0; j < NV; j++)
-        if (lane + 32 * j < nv)
-#pragma unroll
-            for (int e = 0; e < X128; e++) { float d = tof(v[j].v[e]) - m; var += d * d; }
-    float rs = rsqrtf(warp_sum(var) / C + 1e-5f);
-#pragma unroll
-    for (int j = 0; j < NV; j++) {
-        int i = lane + 32 * j;
-        if (i < nv) {
-            x128 wv = load128(w + i * X128), bv = load128(b + i * X128), o;
-#pragma unroll
-            for (int e = 0; e < X128; e++) o.v[e] = tox((tof(v[j].v[e]) - m) * rs * tof(wv.v[e]) + tof(bv.v[e]));
-            store128(out + (size_t)r * C + i * X128, o);
-        }
-    }
-    if (lane == 0) { mean[r] = m; rstd[r] = rs; }
+    ln_row_finish<NV>(v, s, C, w, b, out + (size_t)r * C, mean + r, rstd + r, lane);
 }
 
 // dinp += the LayerNorm input gradient (dinp = dres + it, with dres); the weight and bias gradients are summed per block in
@@ -1950,6 +1959,24 @@ static void attention_backward(floatX *dqkv, const floatX *dout, const floatX *o
 
 // The mixing kernels: one warp per token, each lane moving 16 bytes per access (C % X128 == 0)
 
+// channels [c, c + X128) of sum_i p[i] H_i (h: the token's n rows of C)
+template <int N>
+__device__ __forceinline__ x128 premix_chunk(const floatX *h, const float *p, int c, int C) {
+    float acc[X128];
+#pragma unroll
+    for (int e = 0; e < X128; e++) acc[e] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < N; i++) {
+        x128 hv = load128(h + (size_t)i * C + c);
+#pragma unroll
+        for (int e = 0; e < X128; e++) acc[e] += p[i] * tof(hv.v[e]);
+    }
+    x128 o;
+#pragma unroll
+    for (int e = 0; e < X128; e++) o.v[e] = tox(acc[e]);
+    return o;
+}
+
 // u = sum_i pre[i] H_i
 template <int N>
 __global__ void hc_premix_forward_kernel(floatX *u, const floatX *H, const float *pre, int BT, int C) {
@@ -1960,21 +1987,7 @@ __global__ void hc_premix_forward_kernel(floatX *u, const floatX *H, const float
     float p[n];
 #pragma unroll
     for (int i = 0; i < n; i++) p[i] = pre[(size_t)bt * n + i];
-    for (int c = lane * X128; c < C; c += 32 * X128) {
-        float acc[X128];
-#pragma unroll
-        for (int e = 0; e < X128; e++) acc[e] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < n; i++) {
-            x128 hv = load128(h + (size_t)i * C + c);
-#pragma unroll
-            for (int e = 0; e < X128; e++) acc[e] += p[i] * tof(hv.v[e]);
-        }
-        x128 o;
-#pragma unroll
-        for (int e = 0; e < X128; e++) o.v[e] = tox(acc[e]);
-        store128(u + (size_t)bt * C + c, o);
-    }
+    for (int c = lane * X128; c < C; c += 32 * X128) store128(u + (size_t)bt * C + c, premix_chunk<N>(h, p, c, C));
 }
 
 // u = sum_i pre[i] H_i and the LayerNorm that starts the sublayer (out, mean, rstd), one warp per
@@ -1984,7 +1997,7 @@ __global__ void hc_premix_forward_kernel(floatX *u, const floatX *H, const float
 template <int N>
 __global__ void hc_premix_ln_kernel(floatX *u, floatX *out, float *mean, float *rstd, const floatX *H, const float *pre, const floatX *w,
                                     const floatX *b, int BT, int C) {
-    int bt = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32, nv = C / X128;
+    int bt = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (bt >= BT) return;
     const floatX *h = H + (size_t)bt * N * C;
     float p[N];
@@ -1996,40 +2009,13 @@ __global__ void hc_premix_ln_kernel(floatX *u, floatX *out, float *mean, float *
     for (int j = 0; j < PN_NV; j++) {
         int c = (lane + 32 * j) * X128;
         if (c < C) {
-            float acc[X128];
-#pragma unroll
-            for (int e = 0; e < X128; e++) acc[e] = 0.0f;
-#pragma unroll
-            for (int i = 0; i < N; i++) {
-                x128 hv = load128(h + (size_t)i * C + c);
-#pragma unroll
-                for (int e = 0; e < X128; e++) acc[e] += p[i] * tof(hv.v[e]);
-            }
-#pragma unroll
-            for (int e = 0; e < X128; e++) v[j].v[e] = tox(acc[e]);
+            v[j] = premix_chunk<N>(h, p, c, C);
             store128(u + (size_t)bt * C + c, v[j]);
 #pragma unroll
             for (int e = 0; e < X128; e++) s += tof(v[j].v[e]);
         }
     }
-    float m = warp_sum(s) / C, var = 0.0f;
-#pragma unroll
-    for (int j = 0; j < PN_NV; j++)
-        if (lane + 32 * j < nv)
-#pragma unroll
-            for (int e = 0; e < X128; e++) { float d = tof(v[j].v[e]) - m; var += d * d; }
-    float rs = rsqrtf(warp_sum(var) / C + 1e-5f);
-#pragma unroll
-    for (int j = 0; j < PN_NV; j++) {
-        int i = lane + 32 * j;
-        if (i < nv) {
-            x128 wv = load128(w + i * X128), bv = load128(b + i * X128), o;
-#pragma unroll
-            for (int e = 0; e < X128; e++) o.v[e] = tox((tof(v[j].v[e]) - m) * rs * tof(wv.v[e]) + tof(bv.v[e]));
-            store128(out + (size_t)bt * C + i * X128, o);
-        }
-    }
-    if (lane == 0) { mean[bt] = m; rstd[bt] = rs; }
+    ln_row_finish<PN_NV>(v, s, C, w, b, out + (size_t)bt * C, mean + bt, rstd + bt, lane);
 }
 
 // dH += pre (x) du; dpre[i] = du . H_i
@@ -2097,6 +2083,20 @@ __global__ void hc_postmix_forward_kernel(floatX *Hout, const floatX *H, const f
     }
 }
 
+// sum_i res[i][j] d_i over 16 bytes of channels (the post-mix backward's dH_j)
+template <int N>
+__device__ __forceinline__ x128 res_t_mix(const float *res, const x128 (&d)[N], int j) {
+    x128 g;
+#pragma unroll
+    for (int e = 0; e < X128; e++) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int i = 0; i < N; i++) sum += res[i * N + j] * tof(d[i].v[e]);
+        g.v[e] = tox(sum);
+    }
+    return g;
+}
+
 // dH_j += sum_i res[i][j] dH'_i; dy = sum_i post[i] dH'_i (overwritten); dpost, dres written
 template <int N>
 __global__ void hc_postmix_backward_kernel(floatX *dH, floatX *dy, float *dpost, float *dres, const floatX *dHout, const floatX *H,
@@ -2131,17 +2131,8 @@ __global__ void hc_postmix_backward_kernel(floatX *dH, floatX *dy, float *dpost,
         }
         store128(dy + (size_t)bt * C + c, dyo);
 #pragma unroll
-        for (int j = 0; j < n; j++) {
-            x128 gv;   // the first writer of dH^k in the backward: written, not accumulated
-#pragma unroll
-            for (int e = 0; e < X128; e++) {
-                float sum = 0.0f;
-#pragma unroll
-                for (int i = 0; i < n; i++) sum += r[i * n + j] * tof(dv[i].v[e]);
-                gv.v[e] = tox(sum);
-            }
-            store128(dH + ((size_t)bt * n + j) * C + c, gv);
-        }
+        for (int j = 0; j < n; j++)   // the first writer of dH^k in the backward: written, not accumulated
+            store128(dH + ((size_t)bt * n + j) * C + c, res_t_mix<N>(r, dv, j));
     }
 #pragma unroll
     for (int q = 0; q < n + n * n; q++) {
@@ -3085,17 +3076,7 @@ __global__ void __launch_bounds__(128, 3) hc_boundary_backward_kernel(floatX *dH
             }
             store128(dym + (size_t)t * C + c0 + c8, dyo);
 #pragma unroll
-            for (int jj = 0; jj < N; jj++) {
-                x128 gv;
-#pragma unroll
-                for (int q = 0; q < X128; q++) {
-                    float sum = 0.0f;
-#pragma unroll
-                    for (int i = 0; i < N; i++) sum += rr[i * N + jj] * tof(dv[i].v[q]);
-                    gv.v[q] = tox(sum);
-                }
-                store128(dHm + ((size_t)t * N + jj) * C + c0 + c8, gv);
-            }
+            for (int jj = 0; jj < N; jj++) store128(dHm + ((size_t)t * N + jj) * C + c0 + c8, res_t_mix<N>(rr, dv, jj));
         }
         // and the per-token sums over this block's 64 channels, dres_ij = dH^k_i . H^{k-1}_j and
         // dpost_i = dH^k_i . y, on tensor cores: warp w takes tokens [w TG, w TG + TG) (TG = 16 / n),
