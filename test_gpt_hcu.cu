@@ -171,14 +171,15 @@ static void test_cpu_vs_cuda(void) {
     }
 #if !defined(ENABLE_FP32)
     // the switches of the BF16 build through the command line (mhc): the flash kernels train as
-    // cuDNN's attention does; without the side stream the step-4 checkpoint has the same bits; a
-    // bad value is a one-line error
+    // cuDNN's attention does; without the side stream the step-4 checkpoint has the same bits; the
+    // kernels across sublayer boundaries train as the kernels apart (the same states and stream
+    // gradients; sums in another order); a bad value is a one-line error
     {
         const char *common = "-e d4 -b 2 -t 256 -x 4 -n 4 -l 1e-3 -v 0 -s 0 -H mhc";
-        const char *env[3] = {"", "GPT_HC_ATTENTION=flash", "GPT_HC_SIDE_STREAM=0"};
-        double l[3][8];
-        int rc[3], nl[3];
-        for (int v = 0; v < 3; v++) {
+        const char *env[4] = {"", "GPT_HC_ATTENTION=flash", "GPT_HC_SIDE_STREAM=0", "GPT_HC_FUSE_BOUNDARY=0"};
+        double l[4][8];
+        int rc[4], nl[4];
+        for (int v = 0; v < 4; v++) {
             snprintf(cmd, sizeof cmd, "%s %s %s -i '%s/syn_train_*' -j '%s/syn_val_*' -o %s/sw_%d > /dev/null", env[v], TRAINER, common,
                      dir, dir, dir, v);
             rc[v] = system(cmd);
@@ -190,6 +191,9 @@ static void test_cpu_vs_cuda(void) {
         report(rc[0] == 0 && rc[1] == 0 && worst < 1e-3, "GPT_HC_ATTENTION=flash vs cuDNN (default), d4 mhc: 4 step losses, max rel diff %.2e", worst);
         snprintf(cmd, sizeof cmd, "cmp -s %s/sw_0/model_00000004.bin %s/sw_2/model_00000004.bin", dir, dir);
         report(rc[2] == 0 && system(cmd) == 0, "GPT_HC_SIDE_STREAM=0: the step-4 checkpoint is bit-identical to the side stream's");
+        double wb = nl[0] == 4 && nl[3] == 4 ? 0.0 : 1e9;
+        for (int i = 0; i < 4 && i < nl[0] && i < nl[3]; i++) wb = fmax(wb, fabs(l[0][i] - l[3][i]) / fabs(l[0][i]));
+        report(rc[3] == 0 && wb < 1e-4, "GPT_HC_FUSE_BOUNDARY=0 vs the fused boundaries, d4 mhc: 4 step losses, max rel diff %.2e", wb);
         char out[4096] = "";
         snprintf(cmd, sizeof cmd, "GPT_HC_ATTENTION=bogus %s %s -i '%s/syn_train_*' -j '%s/syn_val_*' -o %s/sw_bogus 2>&1 >/dev/null", TRAINER, common, dir, dir, dir);
         FILE *fp = popen(cmd, "r");

@@ -21,7 +21,7 @@ HC/mHC kernels of train_gpt_hc.cu timed against their memory floor (issues 4 and
   and mHC's coefficient kernels (gates, Sinkhorn-Knopp forward and backward, thread per row).
 Each variant 2 (and 3) is checked against variant 1 on random inputs first. Floor = bytes that must
 move (each input read once, each output written once) / the measured device-to-device copy rate.
-    make dev/cuda/bench_hc && ./dev/cuda/bench_hc [B*T] [C]     (default 16384 768)
+    make dev/cuda/bench_hc && ./dev/cuda/bench_hc [B*T] [C] [check]     (default 16384 768; check: no timing)
 */
 #define TESTING
 #include "../../train_gpt_hc.cu"
@@ -91,8 +91,10 @@ __global__ void __launch_bounds__(128) mhc_proj_backward_kernel(floatX *dH, cons
 
 static double g_copy_gbs;   // measured copy rate, bytes read + written per second / 1e9
 
+static int g_timing = 1;   // 0 ("check"): the correctness checks only (sanitizer runs)
 template <typename F>
 static float median_ms(F f, int reps = 21) {
+    if (!g_timing) return 0.0f;
     cudaEvent_t a, b;
     cudaEventCreate(&a);
     cudaEventCreate(&b);
@@ -119,6 +121,7 @@ static const char *verdict(bool ok) {
 }
 
 static void row(const char *name, float ms, double bytes) {
+    if (!g_timing) return;
     double floor_ms = bytes / (g_copy_gbs * 1e9) * 1e3;
     printf("%-44s %9.1f us %9.1f us floor %6.0f%% of floor speed\n", name, ms * 1e3, floor_ms * 1e3, 100.0 * floor_ms / ms);
 }
@@ -142,8 +145,18 @@ static float *rand_devf(size_t n, float mean, float scale, uint64_t *rng) {
     return d;
 }
 
-static double rel_err(const floatX *a, const floatX *b, size_t n) {
-    float *x = floatx_to_host(a, n), *y = floatx_to_host(b, n);
+// device buffers as host floats
+static float *host_floats(const floatX *a, size_t n) { return floatx_to_host(a, n); }
+static float *host_floats(const float *a, size_t n) {
+    float *x = (float *)mallocCheck(n * 4);
+    cudaCheck(cudaMemcpy(x, a, n * 4, cudaMemcpyDeviceToHost));
+    return x;
+}
+
+// max abs err / max |b| of two device buffers
+template <typename T>
+static double rel_err(const T *a, const T *b, size_t n) {
+    float *x = host_floats(a, n), *y = host_floats(b, n);
     double e, m;
     diff_stats(x, y, n, &e, &m);
     free(x);
@@ -151,14 +164,27 @@ static double rel_err(const floatX *a, const floatX *b, size_t n) {
     return e / m;
 }
 
+// two device buffers hold the same bytes
+static bool same_bits(const void *a, const void *b, size_t bytes) {
+    char *x = (char *)mallocCheck(bytes), *y = (char *)mallocCheck(bytes);
+    cudaCheck(cudaMemcpy(x, a, bytes, cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(y, b, bytes, cudaMemcpyDeviceToHost));
+    bool same = memcmp(x, y, bytes) == 0;
+    free(x);
+    free(y);
+    return same;
+}
+
 int main(int argc, char **argv) {
     int BT = argc > 1 ? atoi(argv[1]) : 16384, C = argc > 2 ? atoi(argv[2]) : 768, nC = NN * C;
-    if (BT < 1 || C < 64 || C % 64) die("usage: bench_hc [B*T] [C a multiple of 64]");
+    if (BT < 1 || C < 64 || C % 64 || (argc > 3 && strcmp(argv[3], "check")))
+        die("usage: bench_hc [B*T] [C a multiple of 64] [check: the correctness checks only]");
+    g_timing = argc <= 3;
     gpt_init_device();
     uint64_t rng = 5;
     size_t nh = (size_t)BT * nC;
     // copy rate: 2 GB moved (1 GB read + 1 GB written) per copy
-    {
+    if (g_timing) {
         size_t sz = (size_t)1 << 30;
         char *a = dalloc<char>(sz), *b = dalloc<char>(sz);
         cudaCheck(cudaMemset(a, 1, sz));
@@ -167,7 +193,8 @@ int main(int argc, char **argv) {
         cudaFree(a);
         cudaFree(b);
     }
-    printf("BT=%d C=%d n=%d bf16; device-to-device copy %.0f GB/s (read + write)\n", BT, C, NN, g_copy_gbs);
+    if (g_timing) printf("BT=%d C=%d n=%d bf16; device-to-device copy %.0f GB/s (read + write)\n", BT, C, NN, g_copy_gbs);
+    else printf("BT=%d C=%d n=%d bf16; checks only\n", BT, C, NN);
     floatX *H = rand_dev(nh, 1.0f, &rng), *dH = rand_dev(nh, 1.0f, &rng), *phi = rand_dev((size_t)nC * MM, 0.02f, &rng);
     floatX *dp = rand_dev((size_t)BT * MM, 1.0f, &rng), *y = rand_dev((size_t)BT * C, 1.0f, &rng), *du = rand_dev((size_t)BT * C, 1.0f, &rng);
     floatX *dH2 = dalloc<floatX>(nh), *Hn = dalloc<floatX>(nh), *u = dalloc<floatX>((size_t)BT * C), *dy = dalloc<floatX>((size_t)BT * C);
@@ -211,27 +238,10 @@ int main(int argc, char **argv) {
     fwd1(); fwd2(); bwd1(); bwd2(); bwd3();
     kernelCheck();
     {
-        double e3 = rel_err(dH3, dH, nh);
-        float *a = (float *)mallocCheck((size_t)nC * MM * 4), *b = (float *)mallocCheck((size_t)nC * MM * 4);
-        cudaCheck(cudaMemcpy(a, dphi1, (size_t)nC * MM * 4, cudaMemcpyDeviceToHost));
-        cudaCheck(cudaMemcpy(b, dphi3, (size_t)nC * MM * 4, cudaMemcpyDeviceToHost));
-        double e, m;
-        diff_stats(b, a, (size_t)nC * MM, &e, &m);
-        printf("check: dH pass 3 dH rel err %.1e, dphi rel err %.1e -> %s\n", e3, e / m, verdict(e3 < 1e-2 && e / m < 1e-4));
-        free(a);
-        free(b);
-    }
-    {
-        float *a = (float *)mallocCheck((size_t)BT * MM * 4), *b = (float *)mallocCheck((size_t)BT * MM * 4);
-        cudaCheck(cudaMemcpy(a, p0, (size_t)BT * MM * 4, cudaMemcpyDeviceToHost));
-        cudaCheck(cudaMemcpy(b, p1, (size_t)BT * MM * 4, cudaMemcpyDeviceToHost));
-        double e, m;
-        diff_stats(b, a, (size_t)BT * MM, &e, &m);
-        double ed = rel_err(dH2, dH, nh);
-        printf("check: projection forward p rel err %.1e, dH backward rel err %.1e -> %s\n", e / m, ed,
-               verdict(e / m < 1e-3 && ed < 1e-2));
-        free(a);
-        free(b);
+        double e3 = rel_err(dH3, dH, nh), ep = rel_err(dphi3, dphi1, (size_t)nC * MM);
+        printf("check: dH pass 3 dH rel err %.1e, dphi rel err %.1e -> %s\n", e3, ep, verdict(e3 < 1e-2 && ep < 1e-4));
+        double e = rel_err(p1, p0, (size_t)BT * MM), ed = rel_err(dH2, dH, nh);
+        printf("check: projection forward p rel err %.1e, dH backward rel err %.1e -> %s\n", e, ed, verdict(e < 1e-3 && ed < 1e-2));
     }
     double hb = (double)nh * 2, xb = (double)BT * C * 2;
     row("mhc proj fwd 1: cuBLAS GEMM + rms kernel", median_ms(fwd1), hb + BT * MM * 4.0);
@@ -264,20 +274,9 @@ int main(int argc, char **argv) {
     pl2();
     kernelCheck();
     {
-        size_t nx = (size_t)BT * C;
-        floatX *a = (floatX *)mallocCheck(nx * sizeof(floatX)), *b = (floatX *)mallocCheck(nx * sizeof(floatX));
-        cudaCheck(cudaMemcpy(a, u, nx * sizeof(floatX), cudaMemcpyDeviceToHost));
-        cudaCheck(cudaMemcpy(b, u2, nx * sizeof(floatX), cudaMemcpyDeviceToHost));
-        int same = memcmp(a, b, nx * sizeof(floatX)) == 0;
-        cudaCheck(cudaMemcpy(a, ln1, nx * sizeof(floatX), cudaMemcpyDeviceToHost));
-        cudaCheck(cudaMemcpy(b, ln2, nx * sizeof(floatX), cudaMemcpyDeviceToHost));
-        same = same && memcmp(a, b, nx * sizeof(floatX)) == 0;
-        float *fa = (float *)mallocCheck(BT * 4), *fb = (float *)mallocCheck(BT * 4);
-        cudaCheck(cudaMemcpy(fa, lr1, BT * 4, cudaMemcpyDeviceToHost));
-        cudaCheck(cudaMemcpy(fb, lr2, BT * 4, cudaMemcpyDeviceToHost));
-        same = same && memcmp(fa, fb, BT * 4) == 0;
-        printf("check: pre-mix + LayerNorm fused: u, ln, rstd %s -> %s\n", same ? "bit-identical" : "DIFFERENT", verdict(same));
-        free(a); free(b); free(fa); free(fb);
+        size_t xs = (size_t)BT * C * sizeof(floatX);
+        bool same = same_bits(u, u2, xs) && same_bits(ln1, ln2, xs) && same_bits(lm1, lm2, BT * 4) && same_bits(lr1, lr2, BT * 4);
+        printf("check: pre-mix + LayerNorm fused: u, ln, mean, rstd %s -> %s\n", same ? "bit-identical" : "DIFFERENT", verdict(same));
     }
     row("pre-mix + LayerNorm 1: two kernels", median_ms(pl1), hb + 2 * xb + BT * 8.0);
     row("pre-mix + LayerNorm 2: one kernel", median_ms(pl2), hb + 2 * xb + BT * 8.0);
@@ -293,21 +292,10 @@ int main(int argc, char **argv) {
     bnd2();
     kernelCheck();
     {
-        floatX *a = (floatX *)mallocCheck(nh * sizeof(floatX)), *b = (floatX *)mallocCheck(nh * sizeof(floatX));
-        cudaCheck(cudaMemcpy(a, Hn, nh * sizeof(floatX), cudaMemcpyDeviceToHost));
-        cudaCheck(cudaMemcpy(b, Hn2, nh * sizeof(floatX), cudaMemcpyDeviceToHost));
-        int same = memcmp(a, b, nh * sizeof(floatX)) == 0;
-        float *pa = (float *)mallocCheck((size_t)BT * MM * 4), *pb = (float *)mallocCheck((size_t)BT * MM * 4);
-        cudaCheck(cudaMemcpy(pa, p1, (size_t)BT * MM * 4, cudaMemcpyDeviceToHost));
-        cudaCheck(cudaMemcpy(pb, p2, (size_t)BT * MM * 4, cudaMemcpyDeviceToHost));
-        double e, m, er, mr;
-        diff_stats(pb, pa, (size_t)BT * MM, &e, &m);
-        cudaCheck(cudaMemcpy(pa, r1, (size_t)BT * 4, cudaMemcpyDeviceToHost));
-        cudaCheck(cudaMemcpy(pb, r2, (size_t)BT * 4, cudaMemcpyDeviceToHost));
-        diff_stats(pb, pa, (size_t)BT, &er, &mr);
+        bool same = same_bits(Hn, Hn2, nh * sizeof(floatX));
+        double e = rel_err(p2, p1, (size_t)BT * MM), er = rel_err(r2, r1, (size_t)BT);
         printf("check: post-mix + projection fused: H' %s, p rel err %.1e, rms rel err %.1e -> %s\n", same ? "bit-identical" : "DIFFERENT",
-               e / m, er / mr, verdict(same && e / m < 1e-4 && er / mr < 1e-5));
-        free(a); free(b); free(pa); free(pb);
+               e, er, verdict(same && e < 1e-4 && er < 1e-5));
     }
     row("post-mix fwd + next projection 1: two kernels", median_ms(bnd1), 2 * hb + xb + BT * MM * 4.0);
     row("post-mix fwd + next projection 2: one kernel", median_ms(bnd2), 2 * hb + xb + BT * MM * 4.0);
@@ -326,27 +314,11 @@ int main(int argc, char **argv) {
     bb2();
     kernelCheck();
     {
-        floatX *a = (floatX *)mallocCheck(nh * sizeof(floatX)), *b = (floatX *)mallocCheck(nh * sizeof(floatX));
-        cudaCheck(cudaMemcpy(a, dHm1, nh * sizeof(floatX), cudaMemcpyDeviceToHost));
-        cudaCheck(cudaMemcpy(b, dHm2, nh * sizeof(floatX), cudaMemcpyDeviceToHost));
-        int same = memcmp(a, b, nh * sizeof(floatX)) == 0;
-        cudaCheck(cudaMemcpy(a, dy, (size_t)BT * C * sizeof(floatX), cudaMemcpyDeviceToHost));
-        cudaCheck(cudaMemcpy(b, dy2, (size_t)BT * C * sizeof(floatX), cudaMemcpyDeviceToHost));
-        same = same && memcmp(a, b, (size_t)BT * C * sizeof(floatX)) == 0;
-        size_t nmax = (size_t)nC * MM > (size_t)BT * NN * NN ? (size_t)nC * MM : (size_t)BT * NN * NN;
-        float *fa = (float *)mallocCheck(nmax * 4), *fb = (float *)mallocCheck(nmax * 4);
-        double worst = 0.0, e, m;
-        const float *pairs[3][2] = {{dpost, dpost2}, {dres, dres2}, {dphi3, dphi4}};
-        size_t counts[3] = {(size_t)BT * NN, (size_t)BT * NN * NN, (size_t)nC * MM};
-        for (int q = 0; q < 3; q++) {
-            cudaCheck(cudaMemcpy(fa, pairs[q][0], counts[q] * 4, cudaMemcpyDeviceToHost));
-            cudaCheck(cudaMemcpy(fb, pairs[q][1], counts[q] * 4, cudaMemcpyDeviceToHost));
-            diff_stats(fb, fa, counts[q], &e, &m);
-            worst = fmax(worst, e / m);
-        }
+        bool same = same_bits(dHm1, dHm2, nh * sizeof(floatX)) && same_bits(dy, dy2, (size_t)BT * C * sizeof(floatX));
+        double worst = fmax(rel_err(dpost2, dpost, (size_t)BT * NN),
+                            fmax(rel_err(dres2, dres, (size_t)BT * NN * NN), rel_err(dphi4, dphi3, (size_t)nC * MM)));
         printf("check: dH pass + previous post-mix backward fused: dH^{k-1}, dy %s, dpost/dres/dphi rel err <= %.1e -> %s\n",
                same ? "bit-identical" : "DIFFERENT", worst, verdict(same && worst < 1e-5));
-        free(a); free(b); free(fa); free(fb);
     }
     row("dH pass + prev post-mix bwd 1: two kernels", median_ms(bb1), 4 * hb + 3 * xb + BT * MM * 2.0);
     row("dH pass + prev post-mix bwd 2: one kernel", median_ms(bb2), 4 * hb + 3 * xb + BT * MM * 2.0);
