@@ -8,7 +8,8 @@ HC/mHC coefficients, LayerNorm statistics, Sinkhorn-Knopp and every reduction ru
 Every reduction is done in a fixed order without atomics, so runs are deterministic.
 
 Matmuls run through cuBLASLt with the bias, GELU and GELU-gradient fused into the epilogues; the
-backward's weight gradients run on a side stream beside the memory-bound kernels. Attention in
+backward's weight gradients run on a side stream beside the memory-bound kernels, mHC's
+Sinkhorn-Knopp iterations (forward and backward) on a third beside the GEMMs. Attention in
 BF16 (head size 64) is cuDNN's fused SDPA (built with the backend graph API, deterministic
 backward), with our FlashAttention-2 kernels on mma.sync as the fallback; elsewhere cuBLAS batched
 matmuls around a masked softmax (llm.c's non-cuDNN path). The HC mixing kernels are templated on n
@@ -412,8 +413,10 @@ static void gpt_multi_init(int *world, int *rank, int gpus_per_node, const char 
 // ----------------------------------------------------------------------------
 // scratch device memory (grown on demand)
 
-static void *g_dscratch[5];   // slot 4: the side stream's (see matmul_backward)
-static size_t g_dscratch_size[5];
+// slot 4: the side stream's (see matmul_backward); 5: the backward boundary kernel's parts, which
+// the coefficient stream reduces; 6: the coefficient stream's own (see coef_begin)
+static void *g_dscratch[7];
+static size_t g_dscratch_size[7];
 static void *dscratch(int slot, size_t bytes) {
     if (g_dscratch_size[slot] < bytes) {
         if (g_dscratch[slot]) cudaCheck(cudaFree(g_dscratch[slot]));
@@ -740,22 +743,24 @@ __global__ void layernorm_param_finish_kernel(float *dw, float *db, const float 
 }
 
 // launch KERNEL<n>, n = 1..8 (the expansion rate, or the LayerNorm's 16-byte vectors per lane), with
-// SMEM bytes of dynamic shared memory
-#define DISPATCH_N_SMEM(n, KERNEL, GRID, BLOCK, SMEM, ...)                        \
+// SMEM bytes of dynamic shared memory, on STREAM
+#define DISPATCH_N_SS(n, KERNEL, GRID, BLOCK, SMEM, STREAM, ...)                  \
     do {                                                                          \
         switch (n) {                                                              \
-            case 1: KERNEL<1><<<GRID, BLOCK, SMEM>>>(__VA_ARGS__); break;         \
-            case 2: KERNEL<2><<<GRID, BLOCK, SMEM>>>(__VA_ARGS__); break;         \
-            case 3: KERNEL<3><<<GRID, BLOCK, SMEM>>>(__VA_ARGS__); break;         \
-            case 4: KERNEL<4><<<GRID, BLOCK, SMEM>>>(__VA_ARGS__); break;         \
-            case 5: KERNEL<5><<<GRID, BLOCK, SMEM>>>(__VA_ARGS__); break;         \
-            case 6: KERNEL<6><<<GRID, BLOCK, SMEM>>>(__VA_ARGS__); break;         \
-            case 7: KERNEL<7><<<GRID, BLOCK, SMEM>>>(__VA_ARGS__); break;         \
-            case 8: KERNEL<8><<<GRID, BLOCK, SMEM>>>(__VA_ARGS__); break;         \
+            case 1: KERNEL<1><<<GRID, BLOCK, SMEM, STREAM>>>(__VA_ARGS__); break; \
+            case 2: KERNEL<2><<<GRID, BLOCK, SMEM, STREAM>>>(__VA_ARGS__); break; \
+            case 3: KERNEL<3><<<GRID, BLOCK, SMEM, STREAM>>>(__VA_ARGS__); break; \
+            case 4: KERNEL<4><<<GRID, BLOCK, SMEM, STREAM>>>(__VA_ARGS__); break; \
+            case 5: KERNEL<5><<<GRID, BLOCK, SMEM, STREAM>>>(__VA_ARGS__); break; \
+            case 6: KERNEL<6><<<GRID, BLOCK, SMEM, STREAM>>>(__VA_ARGS__); break; \
+            case 7: KERNEL<7><<<GRID, BLOCK, SMEM, STREAM>>>(__VA_ARGS__); break; \
+            case 8: KERNEL<8><<<GRID, BLOCK, SMEM, STREAM>>>(__VA_ARGS__); break; \
             default: die("internal: template parameter %d is not compiled in (1..8)", (int)(n)); \
         }                                                                         \
         kernelCheck();                                                            \
     } while (0)
+#define DISPATCH_N_SMEM(n, KERNEL, GRID, BLOCK, SMEM, ...) DISPATCH_N_SS(n, KERNEL, GRID, BLOCK, SMEM, 0, __VA_ARGS__)
+#define DISPATCH_N_STREAM(n, KERNEL, GRID, BLOCK, STREAM, ...) DISPATCH_N_SS(n, KERNEL, GRID, BLOCK, 0, STREAM, __VA_ARGS__)
 #define DISPATCH_N(n, KERNEL, GRID, BLOCK, ...) DISPATCH_N_SMEM(n, KERNEL, GRID, BLOCK, 0, __VA_ARGS__)
 #define LN_DISPATCH(nv, KERNEL, GRID, BLOCK, SMEM, ...) DISPATCH_N_SMEM(nv, KERNEL, GRID, BLOCK, SMEM, __VA_ARGS__)
 
@@ -1061,6 +1066,8 @@ static cudaStream_t g_side;
 static cublasHandle_t g_cublas_side;
 static cudaEvent_t g_side_ready, g_side_ev[2];
 static int g_side_on = -1;
+static cudaStream_t g_coef;   // see coef_begin
+static cudaEvent_t g_coef_go, g_coef_done;
 static int side_on(void) {
     if (g_side_on < 0) {   // GPT_HC_SIDE_STREAM=0 turns it off; the profile's time split needs one stream
         const char *e = getenv("GPT_HC_SIDE_STREAM");
@@ -1069,6 +1076,9 @@ static int side_on(void) {
             cudaCheck(cudaStreamCreateWithFlags(&g_side, cudaStreamNonBlocking));
             cudaCheck(cudaEventCreateWithFlags(&g_side_ready, cudaEventDisableTiming));
             for (int i = 0; i < 2; i++) cudaCheck(cudaEventCreateWithFlags(&g_side_ev[i], cudaEventDisableTiming));
+            cudaCheck(cudaStreamCreateWithFlags(&g_coef, cudaStreamNonBlocking));
+            cudaCheck(cudaEventCreateWithFlags(&g_coef_go, cudaEventDisableTiming));
+            cudaCheck(cudaEventCreateWithFlags(&g_coef_done, cudaEventDisableTiming));
             cublasCheck(cublasCreate(&g_cublas_side));
             cublasCheck(cublasSetStream(g_cublas_side, g_side));
 #if defined(ENABLE_FP32)
@@ -1085,6 +1095,25 @@ static void side_mark(int s) {
 }
 static void side_wait(int s) {
     if (g_side_on > 0) cudaCheck(cudaStreamWaitEvent(0, g_side_ev[s], 0));
+}
+// A third stream (on with the side stream) for the HC coefficient work that sits on no dependency
+// chain of the main stream: mHC's Sinkhorn-Knopp iterations (forward: res is first read by the
+// post-mix, after the sublayer's GEMMs; backward: they need only dres, known before the sublayer's
+// backward) and the reduces of the backward boundary kernel's parts. coef_begin: what is launched
+// on the returned stream (0 when off) waits for everything the main stream has issued so far;
+// coef_end marks it; coef_join: the main stream waits for all of it. Same kernels, same inputs:
+// same results with or without.
+static cudaStream_t coef_begin(void) {
+    if (!side_on()) return 0;
+    cudaCheck(cudaEventRecord(g_coef_go, 0));
+    cudaCheck(cudaStreamWaitEvent(g_coef, g_coef_go, 0));
+    return g_coef;
+}
+static void coef_end(void) {
+    if (g_side_on > 0) cudaCheck(cudaEventRecord(g_coef_done, g_coef));
+}
+static void coef_join(void) {
+    if (g_side_on > 0) cudaCheck(cudaStreamWaitEvent(0, g_coef_done, 0));
 }
 
 static void matmul_backward(floatX *dinp, float *dw, float *dbias, const floatX *dout, const floatX *inp, const floatX *w,
@@ -2385,31 +2414,36 @@ __global__ void rms_kernel(float *rms, const floatX *H, int BT, int nC) {
 }
 
 // per (token, row a): z = p / r from vec(H) @ phi, the sigmoid gates (entry a of pre and post) and
-// row a of Sinkhorn-Knopp, in fp32; grid over BT * G threads
+// row a of Sinkhorn-Knopp, in fp32; grid over BT * G threads. part 1: z and the gates; part 2:
+// Sinkhorn-Knopp from the z that part 1 stored (the trainer runs it on the coefficient stream: it
+// reads no scratch); 3: both
 template <int N>
 __global__ void mhc_coeffs_forward_kernel(float *pre, float *post, float *res, const float *rms, float *z, const float *p,
-                                          const float *bias, const float *alpha, int BT, int n_rt, int iters) {
+                                          const float *bias, const float *alpha, int BT, int n_rt, int iters, int part) {
     constexpr int n = N, m = N * N + 2 * N, G = SkGroup<N>::G;
     int gt = blockIdx.x * blockDim.x + threadIdx.x, bt = gt / G, a = gt % G;
     bool live = bt < BT && a < n;
     float X[n], M[n], mx = -FLT_MAX;
     if (live) {
-        const float *pp = p + (size_t)bt * m;
-        float *zz = z + (size_t)bt * m, r = rms[bt];
-        float z0 = pp[a] / r, z1 = pp[n + a] / r;
-        zz[a] = z0;
-        zz[n + a] = z1;
-        pre[(size_t)bt * n + a] = 1.0f / (1.0f + expf(-(alpha[0] * z0 + bias[a])));
-        post[(size_t)bt * n + a] = 2.0f / (1.0f + expf(-(alpha[1] * z1 + bias[n + a])));
+        float *zz = z + (size_t)bt * m;
+        if (part & 1) {
+            const float *pp = p + (size_t)bt * m;
+            float r = rms[bt], z0 = pp[a] / r, z1 = pp[n + a] / r;
+            zz[a] = z0;
+            zz[n + a] = z1;
+            pre[(size_t)bt * n + a] = 1.0f / (1.0f + expf(-(alpha[0] * z0 + bias[a])));
+            post[(size_t)bt * n + a] = 2.0f / (1.0f + expf(-(alpha[1] * z1 + bias[n + a])));
+#pragma unroll
+            for (int b = 0; b < n; b++) zz[2 * n + a * n + b] = pp[2 * n + a * n + b] / r;
+        }
 #pragma unroll
         for (int b = 0; b < n; b++) {
             int q = 2 * n + a * n + b;
-            float zq = pp[q] / r;
-            zz[q] = zq;
-            X[b] = alpha[2] * zq + bias[q];
+            X[b] = alpha[2] * zz[q] + bias[q];
             mx = fmaxf(mx, X[b]);
         }
     }
+    if (!(part & 2)) return;   // the same for every thread
     mx = group_max<N>(mx);
 #pragma unroll
     for (int b = 0; b < n; b++) M[b] = live ? expf(X[b] - mx) : 0.0f;
@@ -2421,68 +2455,83 @@ __global__ void mhc_coeffs_forward_kernel(float *pre, float *post, float *res, c
 
 // per (token, row a): logit gradients g through the gates and Sinkhorn (the iterations recomputed,
 // their line sums kept), dp = alpha g / r (floatX, for the dH pass), kx = dr / (nC r) for the rms
-// term, and a row [g | g.z per alpha] for dbias/dalpha; grid over BT * G threads
+// term, and a row [g | g.z per alpha] for dbias/dalpha; grid over BT * G threads. part 1: the
+// Sinkhorn backward alone, its g (row a of the res logits' gradients) written over dres in place:
+// it needs only dres, so the trainer runs it on the coefficient stream during the sublayer's
+// backward; part 2: the rest, reading that g; 3: both
 static int g_sk_smem = 1;   // 0: the Sinkhorn sums of the backward in global memory even when they fit on chip (tests)
 template <int N>
 __global__ void mhc_coeffs_backward_kernel(floatX *dpx_out, float *kx_out, float *rows, const float *dpre, const float *dpost,
-                                           const float *dres, const float *pre, const float *post, const float *rms, const float *z,
-                                           const float *bias, const float *alpha, int BT, int n_rt, int C, int iters, float *work) {
+                                           float *dres, const float *pre, const float *post, const float *rms, const float *z,
+                                           const float *bias, const float *alpha, int BT, int n_rt, int C, int iters, float *work, int part) {
     constexpr int n = N, m = n * n + 2 * n, nn = n * n, G = SkGroup<N>::G;
     int gt = blockIdx.x * blockDim.x + threadIdx.x, bt = gt / G, a = gt % G;
     bool live = bt < BT && a < n;
     const float *zz = z + (size_t)(live ? bt : 0) * m;
-    float r = rms[live ? bt : 0], gpre = 0.0f, gpost = 0.0f, X[n], M[n], d[n], mx = -FLT_MAX;
-    if (live) {
-        float sg = pre[(size_t)bt * n + a], p2 = post[(size_t)bt * n + a];
-        gpre = dpre[(size_t)bt * n + a] * sg * (1.0f - sg);
-        gpost = dpost[(size_t)bt * n + a] * p2 * (1.0f - 0.5f * p2);
+    float gres[n];
+    if (part & 1) {
+        float X[n], M[n], d[n], mx = -FLT_MAX;
+        if (live)
 #pragma unroll
-        for (int b = 0; b < n; b++) { X[b] = alpha[2] * zz[2 * n + a * n + b] + bias[2 * n + a * n + b]; mx = fmaxf(mx, X[b]); }
-    }
-    mx = group_max<N>(mx);
+            for (int b = 0; b < n; b++) { X[b] = alpha[2] * zz[2 * n + a * n + b] + bias[2 * n + a * n + b]; mx = fmaxf(mx, X[b]); }
+        mx = group_max<N>(mx);
 #pragma unroll
-    for (int b = 0; b < n; b++) M[b] = live ? expf(X[b] - mx) : 0.0f;
-    // the forward again, keeping only each half-step's line sums: walking back, the matrix before
-    // half-step h is the one after it with each line multiplied by its sum again, so no matrix is
-    // stored. Thread j of a group keeps column j's and row j's sums; the sums live in shared memory
-    // when they fit (work == NULL), else in work (coalesced: consecutive threads, consecutive floats)
-    extern __shared__ float sk_sums[];
-    float *S = work ? work + gt : sk_sums + threadIdx.x;
-    int stride = work ? gridDim.x * blockDim.x : blockDim.x;
-    sinkhorn_rows<N>(M, a, live, iters, S, stride);
-    __syncwarp();   // the group reads each other's column sums below
-    const float *Sg = S - a;
+        for (int b = 0; b < n; b++) M[b] = live ? expf(X[b] - mx) : 0.0f;
+        // the forward again, keeping only each half-step's line sums: walking back, the matrix before
+        // half-step h is the one after it with each line multiplied by its sum again, so no matrix is
+        // stored. Thread j of a group keeps column j's and row j's sums; the sums live in shared memory
+        // when they fit (work == NULL), else in work (coalesced: consecutive threads, consecutive floats)
+        extern __shared__ float sk_sums[];
+        float *S = work ? work + gt : sk_sums + threadIdx.x;
+        int stride = work ? gridDim.x * blockDim.x : blockDim.x;
+        sinkhorn_rows<N>(M, a, live, iters, S, stride);
+        __syncwarp();   // the group reads each other's column sums below
+        const float *Sg = S - a;
 #pragma unroll
-    for (int b = 0; b < n; b++) d[b] = live ? dres[(size_t)bt * nn + a * n + b] : 0.0f;
-    for (int h = 2 * iters - 1; h >= 0; h--) {   // M holds the matrix after half-step h
-        if (h % 2) {   // a row normalization: this thread's row
-            float sv = live ? S[(size_t)h * stride] : 1.0f, iv = 1.0f / sv, dot = 0.0f;
+        for (int b = 0; b < n; b++) d[b] = live ? dres[(size_t)bt * nn + a * n + b] : 0.0f;
+        for (int h = 2 * iters - 1; h >= 0; h--) {   // M holds the matrix after half-step h
+            if (h % 2) {   // a row normalization: this thread's row
+                float sv = live ? S[(size_t)h * stride] : 1.0f, iv = 1.0f / sv, dot = 0.0f;
 #pragma unroll
-            for (int b = 0; b < n; b++) dot += d[b] * M[b];
+                for (int b = 0; b < n; b++) dot += d[b] * M[b];
 #pragma unroll
-            for (int b = 0; b < n; b++) { d[b] = (d[b] - dot) * iv; M[b] *= sv; }
-        } else {       // a column normalization: the dots over each column, summed over the group
-            float dot[n];
+                for (int b = 0; b < n; b++) { d[b] = (d[b] - dot) * iv; M[b] *= sv; }
+            } else {       // a column normalization: the dots over each column, summed over the group
+                float dot[n];
 #pragma unroll
-            for (int b = 0; b < n; b++) dot[b] = live ? d[b] * M[b] : 0.0f;
-            group_sum<N>(dot);
+                for (int b = 0; b < n; b++) dot[b] = live ? d[b] * M[b] : 0.0f;
+                group_sum<N>(dot);
 #pragma unroll
-            for (int b = 0; b < n; b++) {
-                float sv = live ? Sg[(size_t)h * stride + b] : 1.0f;
-                d[b] = (d[b] - dot[b]) * (1.0f / sv);
-                M[b] *= sv;
+                for (int b = 0; b < n; b++) {
+                    float sv = live ? Sg[(size_t)h * stride + b] : 1.0f;
+                    d[b] = (d[b] - dot[b]) * (1.0f / sv);
+                    M[b] *= sv;
+                }
             }
         }
+#pragma unroll
+        for (int b = 0; b < n; b++) gres[b] = d[b] * M[b];   // g = d o M, M = exp(X - max)
+        if (!(part & 2)) {
+            if (live)
+#pragma unroll
+                for (int b = 0; b < n; b++) dres[(size_t)bt * nn + a * n + b] = gres[b];
+            return;
+        }
+    } else {
+#pragma unroll
+        for (int b = 0; b < n; b++) gres[b] = live ? dres[(size_t)bt * nn + a * n + b] : 0.0f;
     }
-    // this thread's entries: pre a, post a and row a of res (g = d o M, M = exp(X - max))
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};   // dr, then sum g z per alpha
+    // this thread's entries: pre a, post a and row a of res
+    float r = rms[live ? bt : 0], acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};   // dr, then sum g z per alpha
     if (live) {
+        float sg = pre[(size_t)bt * n + a], p2 = post[(size_t)bt * n + a];
+        float gpre = dpre[(size_t)bt * n + a] * sg * (1.0f - sg), gpost = dpost[(size_t)bt * n + a] * p2 * (1.0f - 0.5f * p2);
         float *row = rows + (size_t)bt * (m + 3);
         floatX *dpx = dpx_out + (size_t)bt * m;
 #pragma unroll
         for (int e = 0; e < n + 2; e++) {
             int k = e == 0 ? a : e == 1 ? n + a : 2 * n + a * n + (e - 2), w = e < 2 ? e : 2;
-            float g = e == 0 ? gpre : e == 1 ? gpost : d[e - 2] * M[e - 2], dz = alpha[w] * g;
+            float g = e == 0 ? gpre : e == 1 ? gpost : gres[e - 2], dz = alpha[w] * g;
             dpx[k] = tox(dz / r);
             acc[0] -= dz * zz[k] / r;
             row[k] = g;
@@ -3157,15 +3206,22 @@ static void hc_boundary_launch(floatX *dH, float *dphi, int accumulate, const fl
     int ranges = C / 64, tiles = ceil_div(BT, S::TT), G = max(1, 3 * 132 / ranges), tpg = ceil_div(tiles, G);
     G = ceil_div(tiles, tpg);
     size_t count = (size_t)N * C * S::m, gm = (size_t)G * (4 / N);
-    float *Mpart = (float *)dscratch(3, (gm * count + (size_t)ranges * BT * S::NP) * sizeof(float));
+    // slot 5: the coefficient stream reads the parts while the main stream goes on (joined before
+    // the next boundary kernel, in hc_coeffs_backward)
+    float *Mpart = (float *)dscratch(5, (gm * count + (size_t)ranges * BT * S::NP) * sizeof(float));
     float *part = Mpart + gm * count;
     hc_boundary_backward_kernel<N, DHC><<<dim3(G, ranges), 128, S::SMEM>>>(pv->dH, pv->dy, part, Mpart, H, dH, dp, kx, k0, phi, du, pre,
                                                                            pv->H, pv->y, pv->post, pv->res, BT, C, tpg);
     kernelCheck();
-    mhc_dphi_reduce_kernel<<<ceil_div(count, 256), 256>>>(dphi, Mpart, (int)gm, count, accumulate);
+    // dHC's dphi sums feed its parameter gradients on the main stream right away; mHC's are the
+    // gradient itself
+    cudaStream_t s = DHC ? 0 : coef_begin();
+    mhc_dphi_reduce_kernel<<<ceil_div(count, 256), 256, 0, s>>>(dphi, Mpart, (int)gm, count, accumulate);
     kernelCheck();
-    hc_dpost_reduce_kernel<<<ceil_div((size_t)BT * S::NP, 256), 256>>>(pv->dpost, pv->dres, part, BT, N, ranges);
+    if (DHC) s = coef_begin();
+    hc_dpost_reduce_kernel<<<ceil_div((size_t)BT * S::NP, 256), 256, 0, s>>>(pv->dpost, pv->dres, part, BT, N, ranges);
     kernelCheck();
+    coef_end();
 }
 
 template <bool DHC>
@@ -3725,10 +3781,40 @@ static void hc_coeffs_forward(GPTHC *model, int k, const floatX *Hk, int BT, int
             rms_kernel<<<ceil_div(BT, 4), 128>>>(a->mhc_rms + (size_t)k * BT, Hk, BT, nC);
             kernelCheck();
         }
-        DISPATCH_N(n, mhc_coeffs_forward_kernel, ceil_div((size_t)BT * sk_group(n), 128), 128, pre, post, res, a->mhc_rms + (size_t)k * BT,
-                   a->mhc_z + (size_t)k * BT * m, pbuf, p->mhc_bias + (size_t)k * m, p->mhc_alpha + k * 3, BT, n, c->sinkhorn_iters);
+        // the gates now (the pre-mix needs pre); res, first read by the post-mix, on the coefficient
+        // stream (gpt_forward joins it there)
+        unsigned grid = ceil_div((size_t)BT * sk_group(n), 128);
+        DISPATCH_N(n, mhc_coeffs_forward_kernel, grid, 128, pre, post, res, a->mhc_rms + (size_t)k * BT, a->mhc_z + (size_t)k * BT * m, pbuf,
+                   p->mhc_bias + (size_t)k * m, p->mhc_alpha + k * 3, BT, n, c->sinkhorn_iters, 1);
+        cudaStream_t s = coef_begin();
+        DISPATCH_N_STREAM(n, mhc_coeffs_forward_kernel, grid, 128, s, pre, post, res, a->mhc_rms + (size_t)k * BT, a->mhc_z + (size_t)k * BT * m,
+                          (const float *)NULL, p->mhc_bias + (size_t)k * m, p->mhc_alpha + k * 3, BT, n, c->sinkhorn_iters, 2);
+        coef_end();
     }
     kernelCheck();
+}
+
+// mHC's Sinkhorn-Knopp backward for sublayer k as soon as its dres is known (from the post-mix
+// backward of k): on the coefficient stream, beside sublayer k's backward; dres is replaced by the
+// res logits' gradient, which hc_coeffs_backward's part 2 reads
+static void hc_sinkhorn_backward(GPTHC *model, int k, int BT) {
+    const GPTHCConfig *c = &model->config;
+    if (c->mode != MODE_MHC) return;
+    ProfScope prof(PROF_HC_COEF);
+    ParameterTensors *p = &model->params;
+    ActivationTensors *a = &model->acts, *ga = &model->grads_acts;
+    int n = c->n, m = mhc_width(n), iters = c->sinkhorn_iters;
+    size_t o1 = (size_t)k * BT * n;
+    // the line sums: 2 iters floats per thread, on chip in 64-thread blocks when they fit
+    size_t threads = (size_t)BT * sk_group(n), smem = (size_t)2 * iters * 64 * sizeof(float);
+    int on_chip = smem <= 48 * 1024 && g_sk_smem, block = on_chip ? 64 : 128;
+    unsigned grid = ceil_div(threads, block);
+    float *work = on_chip ? NULL : (float *)dscratch(6, (size_t)grid * block * 2 * iters * sizeof(float));
+    cudaStream_t s = coef_begin();
+    DISPATCH_N_SS(n, mhc_coeffs_backward_kernel, grid, block, on_chip ? smem : 0, s, (floatX *)NULL, (float *)NULL, (float *)NULL,
+                  ga->pre, ga->post, ga->res, a->pre + o1, a->post + o1, a->mhc_rms + (size_t)k * BT, a->mhc_z + (size_t)k * BT * m,
+                  p->mhc_bias + (size_t)k * m, p->mhc_alpha + k * 3, BT, n, c->channels, iters, work, 1);
+    coef_end();
 }
 
 // du: the sublayer input's gradient, for mHC's fused dH pass (the pre-mix term; see hc_fuses_premix)
@@ -3742,6 +3828,7 @@ static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *H
     int n = c->n, C = c->channels, m = mhc_width(n), n1 = n + 1;
     size_t o1 = (size_t)k * BT * n;
     const float *dpre = ga->pre, *dpost = ga->post, *dres = ga->res;   // this sublayer's (one held)
+    coef_join();   // dpost, dres (and mHC's Sinkhorn backward) from the coefficient stream
 #if !defined(ENABLE_FP32)
     if (c->mode == MODE_DHC && hc_tensor_cores(C, m)) {
         int nC = n * C, ng = n + 2, w = n * n1 + n + 2;
@@ -3801,19 +3888,14 @@ static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *H
                                                   dyn ? g->hc_sb + k : NULL, sums, n);
         kernelCheck();
     } else {
-        int nC = n * C, iters = c->sinkhorn_iters;
-        // the Sinkhorn line sums: 2 iters floats per thread, on chip in 64-thread blocks when they fit
-        size_t threads = (size_t)BT * sk_group(n), smem = (size_t)2 * iters * 64 * sizeof(float);
-        int on_chip = smem <= 48 * 1024 && g_sk_smem, block = on_chip ? 64 : 128;
-        unsigned grid = ceil_div(threads, block);
-        float *work = on_chip ? NULL : (float *)dscratch(0, (size_t)grid * block * 2 * iters * sizeof(float));
+        int nC = n * C;
         float *kx = (float *)dscratch(1, (size_t)BT * sizeof(float));
         float *rows = (float *)dscratch(2, (size_t)BT * (m + 3) * sizeof(float) + (size_t)BT * m * sizeof(floatX) + 256);
         floatX *dpx = (floatX *)(rows + (size_t)BT * (m + 3));
-        DISPATCH_N_SMEM(n, mhc_coeffs_backward_kernel, grid, block, on_chip ? smem : 0, dpx, kx, rows, dpre, dpost, dres, a->pre + o1,
-                        a->post + o1, a->mhc_rms + (size_t)k * BT, a->mhc_z + (size_t)k * BT * m, p->mhc_bias + (size_t)k * m,
-                        p->mhc_alpha + k * 3, BT, n, C, iters, work);
-        kernelCheck();
+        // the Sinkhorn backward ran on the coefficient stream (hc_sinkhorn_backward): dres holds its g
+        DISPATCH_N(n, mhc_coeffs_backward_kernel, ceil_div((size_t)BT * sk_group(n), 128), 128, dpx, kx, rows, dpre, dpost, ga->res,
+                   a->pre + o1, a->post + o1, a->mhc_rms + (size_t)k * BT, a->mhc_z + (size_t)k * BT * m, p->mhc_bias + (size_t)k * m,
+                   p->mhc_alpha + k * 3, BT, n, C, c->sinkhorn_iters, NULL, 2);
         const float one = 1.0f;
         const floatX *phix = px(model, P_MHC_PHI) + (size_t)k * nC * m;
 #if !defined(ENABLE_FP32)
@@ -3898,6 +3980,7 @@ void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int
                 kernelCheck();
             }
             sublayer_forward(model, k, u, B, T, ln_done);
+            coef_join();   // res^k (mHC's Sinkhorn-Knopp, see hc_coeffs_forward)
             ProfScope prof(PROF_HC);
 #if !defined(ENABLE_FP32)
             if (fb && k + 1 < K) {   // H^{k+1} and sublayer k + 1's projection in one pass
@@ -4000,6 +4083,7 @@ void gpt_backward(GPTHC *model, float loss_scale, int last) {
                 DISPATCH_N(n, hc_postmix_backward_kernel, ceil_div(BT, 4), 128, dHk, dy, ga->post, ga->res, dHn, Hk, a->y + k * BT * C,
                            a->post + o1, a->res + o2, (int)BT, C);
                 kernelCheck();
+                hc_sinkhorn_backward(model, k, (int)BT);
             }
             sublayer_backward(model, k, du, dy, u, B, T);   // writes du
             {
@@ -4014,6 +4098,7 @@ void gpt_backward(GPTHC *model, float loss_scale, int last) {
                              a->res + j * BT * n * n};
                 if (k + 1 < K) side_wait(j % 2);
                 hc_coeffs_backward(model, k, dHk, Hk, du, BT, &pv);
+                hc_sinkhorn_backward(model, k - 1, (int)BT);   // dres^{k-1} came with the boundary kernel
             } else {
                 hc_coeffs_backward(model, k, dHk, Hk, du, BT);
             }
@@ -4021,10 +4106,12 @@ void gpt_backward(GPTHC *model, float loss_scale, int last) {
         side_mark(k % 2);   // everything sublayer k handed to the side stream
         if (last && g_multi.world > 1 && k % 2 == 0 && overlap_on()) {   // layer k/2 is done
             side_wait(k % 2);
+            coef_join();   // its dphi sums
             reduce_layer_grads(model, k / 2);
         }
     }
     side_wait(0);
+    coef_join();
     // bucket the positions by token id (counting sort, stable; distinct tokens in order of first
     // appearance), then cut the buckets into chunks of at most WTE_CHUNK positions
     int *cnt = model->bucket_count, *hb = model->host_buckets, nu = 0;

@@ -18,7 +18,8 @@ HC/mHC kernels of train_gpt_hc.cu timed against their memory floor (issues 4 and
   dH pass of sublayer k + post-mix backward of sublayer k - 1
                            1: mhc_dh (writes dH^k), then hc_postmix_backward_kernel (reads it back)
                            2: hc_boundary (the trainer's at n <= 4): one kernel, dH^k kept on chip
-  and mHC's coefficient kernels (gates, Sinkhorn-Knopp forward and backward, thread per row).
+  and mHC's coefficient kernels (gates, Sinkhorn-Knopp forward and backward, thread per row), in
+  one piece and in the trainer's two parts (Sinkhorn-Knopp apart, for the coefficient stream).
 Each variant 2 (and 3) is checked against variant 1 on random inputs first. Floor = bytes that must
 move (each input read once, each output written once) / the measured device-to-device copy rate.
     make dev/cuda/bench_hc && ./dev/cuda/bench_hc [B*T] [C] [check]     (default 16384 768; check: no timing)
@@ -180,6 +181,7 @@ int main(int argc, char **argv) {
     if (BT < 1 || C < 64 || C % 64 || (argc > 3 && strcmp(argv[3], "check")))
         die("usage: bench_hc [B*T] [C a multiple of 64] [check: the correctness checks only]");
     g_timing = argc <= 3;
+    g_side_on = 0;   // the trainer's side and coefficient streams off: every kernel timed on one stream
     gpt_init_device();
     uint64_t rng = 5;
     size_t nh = (size_t)BT * nC;
@@ -329,13 +331,49 @@ int main(int argc, char **argv) {
     float *kx2 = dalloc<float>(BT), *rows = dalloc<float>((size_t)BT * (MM + 3));
     floatX *dpx = dalloc<floatX>((size_t)BT * MM);
     int G = sk_group(NN), iters = 20;
-    row("mhc coefficients fwd (gates + Sinkhorn)", median_ms([&] {
-            mhc_coeffs_forward_kernel<NN><<<ceil_div((size_t)BT * G, 128), 128>>>(pre2, post2, res2, r0, zb, p0, bias, alpha, BT, NN, iters);
-        }), BT * (2.0 * MM * 4 + 4 + (2 * NN + NN * NN) * 4));
-    row("mhc coefficients bwd (Sinkhorn recomputed)", median_ms([&] {
-            mhc_coeffs_backward_kernel<NN><<<ceil_div((size_t)BT * G, 64), 64, 2 * iters * 64 * sizeof(float)>>>(
-                dpx, kx2, rows, dpre, dpost, dres, pre2, post2, r0, zb, bias, alpha, BT, NN, C, iters, NULL);
-        }), BT * (MM * 4.0 + 4 + (3 * NN + NN * NN) * 4 + (MM + 3) * 4 + MM * 2 + 4));
+    // The trainer runs each in two parts: the gates (forward) and the rest (backward) on the main
+    // stream, Sinkhorn-Knopp on the coefficient stream beside the sublayer's GEMMs (part 3: both)
+    auto cf = [&](int part) {
+        mhc_coeffs_forward_kernel<NN><<<ceil_div((size_t)BT * G, 128), 128>>>(pre2, post2, res2, r0, zb, p0, bias, alpha, BT, NN, iters, part);
+    };
+    // part 1 replaces dres by the res logits' gradient: it works on a copy of dres, made before each call
+    float *dresg = dalloc<float>((size_t)BT * NN * NN);
+    auto cb = [&](int part) {
+        if (part & 1) cudaCheck(cudaMemcpyAsync(dresg, dres, (size_t)BT * NN * NN * sizeof(float), cudaMemcpyDeviceToDevice));
+        mhc_coeffs_backward_kernel<NN><<<ceil_div((size_t)BT * G, 64), 64, 2 * iters * 64 * sizeof(float)>>>(
+            dpx, kx2, rows, dpre, dpost, dresg, pre2, post2, r0, zb, bias, alpha, BT, NN, C, iters, NULL, part);
+    };
+    {   // the parts one after the other give the same bits as the kernel in one piece
+        cf(3);
+        cb(3);
+        floatX *dpx3 = dalloc<floatX>((size_t)BT * MM);
+        float *res3 = dalloc<float>((size_t)BT * NN * NN), *rows3 = dalloc<float>((size_t)BT * (MM + 3)), *kx3 = dalloc<float>(BT);
+        float *z3 = dalloc<float>((size_t)BT * MM);
+        cudaCheck(cudaMemcpy(res3, res2, (size_t)BT * NN * NN * sizeof(float), cudaMemcpyDeviceToDevice));
+        cudaCheck(cudaMemcpy(z3, zb, (size_t)BT * MM * sizeof(float), cudaMemcpyDeviceToDevice));
+        cudaCheck(cudaMemcpy(dpx3, dpx, (size_t)BT * MM * sizeof(floatX), cudaMemcpyDeviceToDevice));
+        cudaCheck(cudaMemcpy(rows3, rows, (size_t)BT * (MM + 3) * sizeof(float), cudaMemcpyDeviceToDevice));
+        cudaCheck(cudaMemcpy(kx3, kx2, BT * sizeof(float), cudaMemcpyDeviceToDevice));
+        cudaCheck(cudaMemset(res2, 0, (size_t)BT * NN * NN * sizeof(float)));
+        cudaCheck(cudaMemset(zb, 0, (size_t)BT * MM * sizeof(float)));
+        cf(1);
+        cf(2);
+        cb(1);
+        cb(2);
+        cudaCheck(cudaDeviceSynchronize());
+        bool same = same_bits(res3, res2, (size_t)BT * NN * NN * sizeof(float)) && same_bits(z3, zb, (size_t)BT * MM * sizeof(float)) &&
+                    same_bits(dpx3, dpx, (size_t)BT * MM * sizeof(floatX)) && same_bits(rows3, rows, (size_t)BT * (MM + 3) * sizeof(float)) &&
+                    same_bits(kx3, kx2, BT * sizeof(float));
+        printf("check: mhc coefficients in two parts (gates | Sinkhorn-Knopp): res, z, dp, rows, kx %s -> %s\n",
+               same ? "bit-identical" : "DIFFERENT", verdict(same));
+    }
+    double fb = BT * (2.0 * MM * 4 + 4 + (2 * NN + NN * NN) * 4), bb = BT * (MM * 4.0 + 4 + (3 * NN + NN * NN) * 4 + (MM + 3) * 4 + MM * 2 + 4);
+    row("mhc coefficients fwd (gates + Sinkhorn)", median_ms([&] { cf(3); }), fb);
+    row("mhc coefficients fwd part 1 (gates, z)", median_ms([&] { cf(1); }), BT * (MM * 8.0 + 4 + 2 * NN * 4));
+    row("mhc coefficients fwd part 2 (Sinkhorn)", median_ms([&] { cf(2); }), BT * NN * NN * 8.0);
+    row("mhc coefficients bwd (Sinkhorn recomputed)", median_ms([&] { cb(3); }), bb);
+    row("mhc coefficients bwd part 1 (Sinkhorn; dres copy)", median_ms([&] { cb(1); }), BT * NN * NN * 20.0);
+    row("mhc coefficients bwd part 2 (gates, dp, rows)", median_ms([&] { cb(2); }), bb - BT * NN * NN * 4.0);
     if (g_bad) printf("error: a kernel variant disagrees with its reference\n");
     return g_bad;
 }
