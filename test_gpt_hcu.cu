@@ -13,7 +13,8 @@ Tests of the CUDA trainer on a GPU (make test-cuda builds and runs them in FP32 
     counts; one model through the fused and the plain HC kernels (dhc n = 2..8, mhc);
  4. recomputation (-r) and the Sinkhorn sums' storage: bit-identical to the plain path;
  5. (BF16) the environment switches: flash attention trains as cuDNN's does, one stream gives
-    the side stream's checkpoint bit for bit, a bad GPT_HC_ATTENTION is a one-line error.
+    the checkpoint of the side and Sinkhorn streams bit for bit (mhc, dhc), a bad
+    GPT_HC_ATTENTION is a one-line error.
 Prints 'N passed, N failed' last.
 */
 #define TESTING
@@ -190,7 +191,16 @@ static void test_cpu_vs_cuda(void) {
         for (int i = 0; i < 4 && i < nl[0] && i < nl[1]; i++) worst = fmax(worst, fabs(l[0][i] - l[1][i]) / fabs(l[0][i]));
         report(rc[0] == 0 && rc[1] == 0 && worst < 1e-3, "GPT_HC_ATTENTION=flash vs cuDNN (default), d4 mhc: 4 step losses, max rel diff %.2e", worst);
         snprintf(cmd, sizeof cmd, "cmp -s %s/sw_0/model_00000004.bin %s/sw_2/model_00000004.bin", dir, dir);
-        report(rc[2] == 0 && system(cmd) == 0, "GPT_HC_SIDE_STREAM=0: the step-4 checkpoint is bit-identical to the side stream's");
+        report(rc[2] == 0 && system(cmd) == 0, "GPT_HC_SIDE_STREAM=0, mhc: the step-4 checkpoint is bit-identical to the side and Sinkhorn streams'");
+        // dhc: its boundary kernel's dpost/dres reduce runs on the coefficient stream too
+        int rd[2];
+        for (int v = 0; v < 2; v++) {
+            snprintf(cmd, sizeof cmd, "%s %s -e d4 -b 2 -t 256 -x 4 -n 4 -l 1e-3 -v 0 -s 0 -H dhc -i '%s/syn_train_*' -j '%s/syn_val_*' -o %s/sd_%d > /dev/null",
+                     v ? "GPT_HC_SIDE_STREAM=0" : "", TRAINER, dir, dir, dir, v);
+            rd[v] = system(cmd);
+        }
+        snprintf(cmd, sizeof cmd, "cmp -s %s/sd_0/model_00000004.bin %s/sd_1/model_00000004.bin", dir, dir);
+        report(rd[0] == 0 && rd[1] == 0 && system(cmd) == 0, "GPT_HC_SIDE_STREAM=0, dhc: the step-4 checkpoint is bit-identical to the side and coefficient streams'");
         double wb = nl[0] == 4 && nl[3] == 4 ? 0.0 : 1e9;
         for (int i = 0; i < 4 && i < nl[0] && i < nl[3]; i++) wb = fmax(wb, fabs(l[0][i] - l[3][i]) / fabs(l[0][i]));
         report(rc[3] == 0 && wb < 1e-4, "GPT_HC_FUSE_BOUNDARY=0 vs the fused boundaries, d4 mhc: 4 step losses, max rel diff %.2e", wb);

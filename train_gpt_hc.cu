@@ -2423,27 +2423,25 @@ __global__ void mhc_coeffs_forward_kernel(float *pre, float *post, float *res, c
     constexpr int n = N, m = N * N + 2 * N, G = SkGroup<N>::G;
     int gt = blockIdx.x * blockDim.x + threadIdx.x, bt = gt / G, a = gt % G;
     bool live = bt < BT && a < n;
-    float X[n], M[n], mx = -FLT_MAX;
-    if (live) {
-        float *zz = z + (size_t)bt * m;
-        if (part & 1) {
-            const float *pp = p + (size_t)bt * m;
-            float r = rms[bt], z0 = pp[a] / r, z1 = pp[n + a] / r;
-            zz[a] = z0;
-            zz[n + a] = z1;
-            pre[(size_t)bt * n + a] = 1.0f / (1.0f + expf(-(alpha[0] * z0 + bias[a])));
-            post[(size_t)bt * n + a] = 2.0f / (1.0f + expf(-(alpha[1] * z1 + bias[n + a])));
+    float *zz = z + (size_t)(live ? bt : 0) * m, X[n], M[n], mx = -FLT_MAX;
+    if (live && (part & 1)) {
+        const float *pp = p + (size_t)bt * m;
+        float r = rms[bt], z0 = pp[a] / r, z1 = pp[n + a] / r;
+        zz[a] = z0;
+        zz[n + a] = z1;
+        pre[(size_t)bt * n + a] = 1.0f / (1.0f + expf(-(alpha[0] * z0 + bias[a])));
+        post[(size_t)bt * n + a] = 2.0f / (1.0f + expf(-(alpha[1] * z1 + bias[n + a])));
 #pragma unroll
-            for (int b = 0; b < n; b++) zz[2 * n + a * n + b] = pp[2 * n + a * n + b] / r;
-        }
+        for (int b = 0; b < n; b++) zz[2 * n + a * n + b] = pp[2 * n + a * n + b] / r;
+    }
+    if (!(part & 2)) return;   // the same for every thread
+    if (live)
 #pragma unroll
         for (int b = 0; b < n; b++) {
             int q = 2 * n + a * n + b;
             X[b] = alpha[2] * zz[q] + bias[q];
             mx = fmaxf(mx, X[b]);
         }
-    }
-    if (!(part & 2)) return;   // the same for every thread
     mx = group_max<N>(mx);
 #pragma unroll
     for (int b = 0; b < n; b++) M[b] = live ? expf(X[b] - mx) : 0.0f;
@@ -3213,12 +3211,11 @@ static void hc_boundary_launch(floatX *dH, float *dphi, int accumulate, const fl
     hc_boundary_backward_kernel<N, DHC><<<dim3(G, ranges), 128, S::SMEM>>>(pv->dH, pv->dy, part, Mpart, H, dH, dp, kx, k0, phi, du, pre,
                                                                            pv->H, pv->y, pv->post, pv->res, BT, C, tpg);
     kernelCheck();
-    // dHC's dphi sums feed its parameter gradients on the main stream right away; mHC's are the
-    // gradient itself
-    cudaStream_t s = DHC ? 0 : coef_begin();
-    mhc_dphi_reduce_kernel<<<ceil_div(count, 256), 256, 0, s>>>(dphi, Mpart, (int)gm, count, accumulate);
+    // the reduces on the coefficient stream, but dHC's dphi sums, which its parameter gradients read
+    // on the main stream right away (mHC's are the gradient itself)
+    cudaStream_t s = coef_begin();
+    mhc_dphi_reduce_kernel<<<ceil_div(count, 256), 256, 0, DHC ? 0 : s>>>(dphi, Mpart, (int)gm, count, accumulate);
     kernelCheck();
-    if (DHC) s = coef_begin();
     hc_dpost_reduce_kernel<<<ceil_div((size_t)BT * S::NP, 256), 256, 0, s>>>(pv->dpost, pv->dres, part, BT, N, ranges);
     kernelCheck();
     coef_end();
