@@ -449,13 +449,16 @@ static void test_fused_paths(int mode, int n, int C, int B, int T) {
 // recomputation (-r): the same fresh model trained 3 AdamW steps with every stream state kept and with
 // blocks of Lr sublayers (inner states recomputed in the backward) must give bit-identical losses,
 // parameters and gradients; the activation memory shrinks
-static void test_recompute(int mode, int n, int Lr) {
+// model 1 against model 0 (Lr = 1, u recomputed by the backward): with recomputation every Lr
+// sublayers, or (store_u) with u stored and the LayerNorm and pre-mix backward kernels apart
+static void test_recompute(int mode, int n, int Lr, int store_u = 0) {
     GPTHCConfig cfg = {128, 500, 512, 3, 2, 128, mode, n, 20};
     GPTHC m[2];
     int B = 2, T = 100, BT = B * T;
     int *inp = (int *)mallocCheck(BT * sizeof(int)), *tgt = (int *)mallocCheck(BT * sizeof(int));
     float loss[2][3];
     for (int r = 0; r < 2; r++) {
+        g_ln_fused = !(r == 1 && store_u);   // read when the activations are sized and by every step
         gpt_build_fresh(&m[r], &cfg, 11);
         gpt_set_recompute(&m[r], r == 0 ? 1 : Lr);
         uint64_t rng = 99;
@@ -467,14 +470,21 @@ static void test_recompute(int mode, int n, int Lr) {
             loss[r][t - 1] = m[r].mean_loss;
             if (t < 3) gpt_update(&m[r], 1e-2f, 0.9f, 0.95f, 1e-8f, 0.0f, 1.0f, t);
         }
+        g_ln_fused = 1;
     }
     size_t P = m[0].num_parameters;
     float *g0 = to_host_f(m[0].grads_memory, P), *g1 = to_host_f(m[1].grads_memory, P);
     float *p0 = to_host_f(m[0].params_memory, P), *p1 = to_host_f(m[1].params_memory, P);
     int same = memcmp(loss[0], loss[1], sizeof(loss[0])) == 0 && memcmp(g0, g1, P * sizeof(float)) == 0 && memcmp(p0, p1, P * sizeof(float)) == 0;
-    size_t h0 = m[0].act_sizes_x[0] * sizeof(floatX), h1 = m[1].act_sizes_x[0] * sizeof(floatX);
-    report(same && h1 < h0, "recompute %s n=%d d3 (K=6) Lr=%d: losses, gradients, parameters bit-identical to Lr=1 (%s); stream states %zu -> %zu KiB",
-           MODE_NAMES[mode], n, gpt_recompute(&m[1]), same ? "yes" : "NO", h0 / 1024, h1 / 1024);
+    if (store_u) {   // act_sizes_x[1]: u
+        size_t u0 = m[0].act_sizes_x[1] * sizeof(floatX), u1 = m[1].act_sizes_x[1] * sizeof(floatX);
+        report(same && u0 == 0 && u1 > 0, "%s n=%d d3: u stored (%zu KiB), LayerNorm and pre-mix backward apart: losses, gradients, parameters "
+               "bit-identical to u recomputed in one pass (%s)", MODE_NAMES[mode], n, u1 / 1024, same ? "yes" : "NO");
+    } else {
+        size_t h0 = m[0].act_sizes_x[0] * sizeof(floatX), h1 = m[1].act_sizes_x[0] * sizeof(floatX);
+        report(same && h1 < h0, "recompute %s n=%d d3 (K=6) Lr=%d: losses, gradients, parameters bit-identical to Lr=1 (%s); stream states %zu -> %zu KiB",
+               MODE_NAMES[mode], n, gpt_recompute(&m[1]), same ? "yes" : "NO", h0 / 1024, h1 / 1024);
+    }
     free(g0); free(g1); free(p0); free(p1); free(inp); free(tgt);
     gpt_free(&m[0]);
     gpt_free(&m[1]);
@@ -482,6 +492,62 @@ static void test_recompute(int mode, int n, int Lr) {
 
 // the mHC backward keeps the Sinkhorn line sums in shared memory when they fit, else in global
 // memory (many iterations): the two give bit-identical gradients
+// the sublayer LayerNorm backward fused with the pre-mix backward (u recomputed from H and pre)
+// against layernorm_backward + hc_premix_backward_kernel with u stored: du, dpre, dH (with the dH
+// term), dw and db bit for bit
+template <int N>
+static void test_ln_premix_backward(int BT, int C) {
+    gpt_init_device();
+    uint64_t rng = 11;
+    size_t nh = (size_t)BT * N * C, xs = (size_t)BT * C;
+    float *h = (float *)mallocCheck(nh * sizeof(float));
+    floatX *xb = (floatX *)mallocCheck(nh * sizeof(floatX));
+    auto upload = [&](floatX *d, size_t n, float mean, float scale) {
+        rng_normal_fill(&rng, h, n, mean, scale);
+        for (size_t i = 0; i < n; i++) xb[i] = (floatX)h[i];
+        cudaCheck(cudaMemcpy(d, xb, n * sizeof(floatX), cudaMemcpyHostToDevice));
+    };
+    floatX *H = dalloc<floatX>(nh), *dH0 = dalloc<floatX>(nh), *dH1 = dalloc<floatX>(nh), *u = dalloc<floatX>(xs), *ln = dalloc<floatX>(xs);
+    floatX *dln = dalloc<floatX>(xs), *du0 = dalloc<floatX>(xs), *du1 = dalloc<floatX>(xs), *w = dalloc<floatX>(C), *b = dalloc<floatX>(C);
+    float *pre = dalloc<float>((size_t)BT * N), *mean = dalloc<float>(BT), *rstd = dalloc<float>(BT), *dw = dalloc<float>(4 * (size_t)C);
+    float *dp0 = dalloc<float>((size_t)BT * N), *dp1 = dalloc<float>((size_t)BT * N);
+    upload(H, nh, 0.0f, 1.0f);
+    upload(dH0, nh, 0.0f, 1.0f);
+    upload(dln, xs, 0.0f, 1.0f);
+    upload(w, C, 1.0f, 0.2f);
+    upload(b, C, 0.0f, 0.1f);
+    rng_normal_fill(&rng, h, (size_t)BT * N, 0.5f, 0.2f);
+    cudaCheck(cudaMemcpy(pre, h, (size_t)BT * N * sizeof(float), cudaMemcpyHostToDevice));
+    int ok = 1;
+    for (int with_dh = 0; with_dh < 2; with_dh++) {
+        cudaCheck(cudaMemcpy(dH1, dH0, nh * sizeof(floatX), cudaMemcpyDeviceToDevice));
+        cudaCheck(cudaMemset(dw, 0, 4 * (size_t)C * sizeof(float)));
+        cudaCheck(cudaMemset(du1, 0xff, xs * sizeof(floatX)));   // NaN: unwritten outputs fail
+        cudaCheck(cudaMemset(dp1, 0xff, (size_t)BT * N * sizeof(float)));
+        DISPATCH_N(N, hc_premix_forward_kernel, ceil_div(BT, 4), 128, u, H, pre, BT, C);
+        layernorm_forward(ln, mean, rstd, u, w, b, BT, C);
+        layernorm_backward(du0, dw, dw + C, dln, u, w, mean, rstd, BT, C, NULL, 1);
+        DISPATCH_N(N, hc_premix_backward_kernel, ceil_div(BT, 4), 128, with_dh ? dH0 : NULL, dp0, du0, H, pre, BT, C);
+        hc_ln_premix_backward(N, du1, dp1, with_dh ? dH1 : NULL, dw + 2 * C, dw + 3 * C, dln, H, pre, w, mean, rstd, BT, C);
+        kernelCheck();
+        float *a = floatx_to_host(du0, xs), *c = floatx_to_host(du1, xs), *pa = to_host_f(dp0, (size_t)BT * N), *pb = to_host_f(dp1, (size_t)BT * N);
+        float *wa = to_host_f(dw, 2 * (size_t)C), *wb = to_host_f(dw + 2 * C, 2 * (size_t)C);
+        ok &= memcmp(a, c, xs * sizeof(float)) == 0 && memcmp(pa, pb, (size_t)BT * N * sizeof(float)) == 0;
+        ok &= memcmp(wa, wb, 2 * (size_t)C * sizeof(float)) == 0;
+        if (with_dh) {
+            float *ha = floatx_to_host(dH0, nh), *hb = floatx_to_host(dH1, nh);
+            ok &= memcmp(ha, hb, nh * sizeof(float)) == 0;
+            free(ha); free(hb);
+        }
+        free(a); free(c); free(pa); free(pb); free(wa); free(wb);
+    }
+    report(ok, "LayerNorm + pre-mix backward in one pass n=%d BT=%d C=%d vs the two kernels: du, dpre, dH, dw, db bit-identical (%s)", N, BT,
+           C, ok ? "yes" : "NO");
+    free(h); free(xb);
+    cudaFree(H); cudaFree(dH0); cudaFree(dH1); cudaFree(u); cudaFree(ln); cudaFree(dln); cudaFree(du0); cudaFree(du1); cudaFree(w); cudaFree(b);
+    cudaFree(pre); cudaFree(mean); cudaFree(rstd); cudaFree(dw); cudaFree(dp0); cudaFree(dp1);
+}
+
 static void test_sinkhorn_storage(void) {
     GPTHCConfig cfg = {128, 500, 512, 2, 2, 128, MODE_MHC, 4, 20};
     GPTHC model;
@@ -526,10 +592,16 @@ int main(int argc, char **argv) {
     test_fused_paths(MODE_MHC, 4, 128, 1, 200);
 #endif
     test_sinkhorn_storage();
+    test_ln_premix_backward<4>(3000, 32 * 3 * X128);   // ragged: 3000 rows over 94 blocks of 8 warps; 3 chunks a lane (768 in bf16)
+    test_ln_premix_backward<3>(517, 96);
+    test_ln_premix_backward<2>(1024, 32 * LP_NV * X128);   // the widest fused row (1024 in bf16: shared memory over 48 KB)
     test_recompute(MODE_SHC, 4, 0);   // auto: sqrt(4 * 6 / 6) = 2
     test_recompute(MODE_DHC, 4, 4);   // a partial last block (K = 6)
     test_recompute(MODE_MHC, 4, 4);
     test_recompute(MODE_MHC, 2, 3);
+    test_recompute(MODE_MHC, 4, 1, 1);
+    test_recompute(MODE_SHC, 3, 1, 1);   // the plain pre-mix backward (dH += pre_i du inside)
+    test_recompute(MODE_DHC, 2, 1, 1);
     if (!(argc > 1 && strcmp(argv[1], "--ref-only") == 0)) test_cpu_vs_cuda();
     return tests_summary();
 }

@@ -2021,7 +2021,7 @@ __global__ void hc_premix_forward_kernel(floatX *u, const floatX *H, const float
 
 // u = sum_i pre[i] H_i and the LayerNorm that starts the sublayer (out, mean, rstd), one warp per
 // token: hc_premix_forward_kernel's and layernorm_forward_vec_kernel's arithmetic (the same values),
-// without reading u back. PN_NV 16-byte chunks per lane at most: C <= 32 * PN_NV * X128
+// without reading u back; u is stored only if not NULL (hc_ln_fused: the backward recomputes it). PN_NV 16-byte chunks per lane at most: C <= 32 * PN_NV * X128
 #define PN_NV 8
 template <int N>
 __global__ void hc_premix_ln_kernel(floatX *u, floatX *out, float *mean, float *rstd, const floatX *H, const float *pre, const floatX *w,
@@ -2039,7 +2039,7 @@ __global__ void hc_premix_ln_kernel(floatX *u, floatX *out, float *mean, float *
         int c = (lane + 32 * j) * X128;
         if (c < C) {
             v[j] = premix_chunk<N>(h, p, c, C);
-            store128(u + (size_t)bt * C + c, v[j]);
+            if (u) store128(u + (size_t)bt * C + c, v[j]);
 #pragma unroll
             for (int e = 0; e < X128; e++) s += tof(v[j].v[e]);
         }
@@ -2079,6 +2079,127 @@ __global__ void hc_premix_backward_kernel(floatX *dH, float *dpre, const floatX 
         float v = warp_sum(acc[i]);
         if (lane == 0) dpre[(size_t)bt * n + i] = v;
     }
+}
+
+// The sublayer's LayerNorm backward and the pre-mix backward in one pass over the token, one warp
+// each, so that u is neither stored by the forward nor read here (25 + 25 MB per d12 sublayer) and
+// du is not read back (25 MB): u = sum_i pre_i H_i is recomputed by premix_chunk (the forward's
+// bf16 values), du is layernorm_backward_vec_kernel's (write mode), dpre_i = du . H_i
+// hc_premix_backward_kernel's, and with dH also dH += pre_i du. dw, db: each warp sums its rows in
+// shared memory in the order it meets them, then the warps are added in order into
+// partial[block][2C]: the LayerNorm backward's sums, bit for bit (layernorm_param_finish_kernel
+// adds the blocks). H's row is read twice (the second time from L1).
+#define LP_NV 4   // 16-byte chunks a lane holds at most: C <= 32 LP_NV X128 (1024 in bf16; wider rows store u)
+template <int N>
+__global__ void __launch_bounds__(32 * LN_BWD_WARPS) hc_ln_premix_backward_kernel(floatX *du, float *dpre, float *partial, floatX *dH,
+                                                                                  const floatX *dout, const floatX *H, const float *pre,
+                                                                                  const floatX *w, const float *mean, const float *rstd,
+                                                                                  int BT, int C) {
+    // per warp: dw then db, lane-minor (element e of the lane's chunk j at (j X128 + e) 32 + lane: no
+    // bank conflicts), CP floats each (C rounded up to whole rounds of 32 chunks)
+    extern __shared__ float lp_acc[];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nv = C / X128, CP = (nv + 31) / 32 * 32 * X128;
+    float *acc = lp_acc + (size_t)warp * 2 * CP;
+    for (int i = lane; i < 2 * CP; i += 32) acc[i] = 0.0f;
+    for (int bt = blockIdx.x * LN_BWD_WARPS + warp; bt < BT; bt += gridDim.x * LN_BWD_WARPS) {
+        const floatX *h = H + (size_t)bt * N * C, *d = dout + (size_t)bt * C;
+        float p[N], m = mean[bt], s = rstd[bt], a = 0.0f, bs = 0.0f, dp[N];
+#pragma unroll
+        for (int i = 0; i < N; i++) { p[i] = pre[(size_t)bt * N + i]; dp[i] = 0.0f; }
+        x128 dv[LP_NV], xv[LP_NV];
+#pragma unroll
+        for (int j = 0; j < LP_NV; j++) {
+            int i = lane + 32 * j;
+            if (i < nv) {
+                dv[j] = load128(d + i * X128);
+                xv[j] = premix_chunk<N>(h, p, i * X128, C);
+                x128 wv = load128(w + i * X128);
+#pragma unroll
+                for (int e = 0; e < X128; e++) {
+                    float dn = tof(wv.v[e]) * tof(dv[j].v[e]);
+                    a += dn;
+                    bs += dn * (tof(xv[j].v[e]) - m) * s;
+                }
+            }
+        }
+        float dn_mean = warp_sum(a) / C, dn_xhat = warp_sum(bs) / C;
+#pragma unroll
+        for (int j = 0; j < LP_NV; j++) {
+            int i = lane + 32 * j;
+            if (i < nv) {
+                x128 wv = load128(w + i * X128), gv;
+#pragma unroll
+                for (int e = 0; e < X128; e++) gv.v[e] = tox(0.0f);
+#pragma unroll
+                for (int e = 0; e < X128; e++) {
+                    float xhat = (tof(xv[j].v[e]) - m) * s, g = tof(dv[j].v[e]);
+                    gv.v[e] = tox(tof(gv.v[e]) + s * (tof(wv.v[e]) * g - dn_mean - xhat * dn_xhat));
+                    acc[(j * X128 + e) * 32 + lane] += g * xhat;
+                    acc[CP + (j * X128 + e) * 32 + lane] += g;
+                }
+                store128(du + (size_t)bt * C + i * X128, gv);
+#pragma unroll
+                for (int q = 0; q < N; q++) {   // the pre-mix backward on this chunk
+                    x128 hv = load128(h + (size_t)q * C + i * X128), gh;
+                    floatX *dh = dH ? dH + ((size_t)bt * N + q) * C + i * X128 : NULL;
+                    if (dH) gh = load128(dh);
+#pragma unroll
+                    for (int e = 0; e < X128; e++) {
+                        float dd = tof(gv.v[e]);
+                        dp[q] += dd * tof(hv.v[e]);
+                        if (dH) gh.v[e] = tox(tof(gh.v[e]) + p[q] * dd);
+                    }
+                    if (dH) store128(dh, gh);
+                }
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < N; q++) {
+            float v = warp_sum(dp[q]);
+            if (lane == 0) dpre[(size_t)bt * N + q] = v;
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < 2 * C; i += blockDim.x) {   // channel i % C: the warps in order
+        int c = i % C, q = c / X128, at = (i / C) * CP + ((q / 32) * X128 + c % X128) * 32 + q % 32;
+        float t = 0.0f;
+        for (int ww = 0; ww < LN_BWD_WARPS; ww++) t += lp_acc[(size_t)ww * 2 * CP + at];
+        partial[(size_t)blockIdx.x * 2 * C + i] = t;
+    }
+}
+
+// whether an HC sublayer's LayerNorm backward runs inside the pre-mix backward
+// (hc_ln_premix_backward_kernel; u is then not stored: the forward's hc_premix_ln_kernel, which
+// takes rows up to 32 PN_NV X128, skips it)
+static int g_ln_fused = 1;   // 0: u stored and the two backward kernels apart (tests)
+static int hc_ln_fused(int C) { return g_ln_fused && C <= 32 * LP_NV * X128; }
+
+template <int N = 1>
+static void lp_set_smem(int smem) {   // every n's instantiation
+    if constexpr (N <= 8) {
+        cudaCheck(cudaFuncSetAttribute(hc_ln_premix_backward_kernel<N>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        lp_set_smem<N + 1>(smem);
+    }
+}
+
+// du, dpre, dw/db += the LayerNorm's parameter gradients, and with dH: dH += pre_i du (see
+// hc_ln_premix_backward_kernel)
+static void hc_ln_premix_backward(int n, floatX *du, float *dpre, floatX *dH, float *dw, float *db, const floatX *dout, const floatX *H,
+                                  const float *pre, const floatX *w, const float *mean, const float *rstd, int BT, int C) {
+    ProfScope prof(PROF_HC);
+    if (C > 32 * LP_NV * X128) die("internal: the fused LayerNorm + pre-mix backward takes C <= %d (C=%d)", 32 * LP_NV * X128, C);
+    int nblocks = (int)min((unsigned)256, ceil_div(BT, LN_BWD_WARPS * 4));   // layernorm_backward's blocks: the same sums
+    float *partial = (float *)dscratch(3, (size_t)nblocks * 2 * C * sizeof(float));
+    int smem = LN_BWD_WARPS * 2 * ceil_div(C / X128, 32) * 32 * X128 * (int)sizeof(float);
+    static int attr = 0;
+    if (smem > 48 * 1024 && smem > attr) {   // rows over 768 (bf16): over the 48 KB default
+        lp_set_smem(smem);
+        attr = smem;
+    }
+    DISPATCH_N_SMEM(n, hc_ln_premix_backward_kernel, nblocks, 32 * LN_BWD_WARPS, smem, du, dpre, partial, dH, dout, H, pre, w, mean, rstd,
+                    BT, C);
+    layernorm_param_finish_kernel<<<ceil_div(2 * C, 256), 256>>>(dw, db, partial, C, nblocks);
+    kernelCheck();
 }
 
 // H'_i = sum_j res[i][j] H_j + post[i] y
@@ -3476,7 +3597,7 @@ typedef struct {
 static void fill_activation_sizes(size_t *sx, size_t *sf, const GPTHCConfig *c, int B, int T, int slots) {
     size_t BT = (size_t)B * T, C = c->channels, L = c->num_layers, K = 2 * L, n = c->n, NH = c->num_heads, Vp = c->padded_vocab_size;
     int hc = c->mode != MODE_RESIDUAL, dhc = c->mode == MODE_DHC, mhc = c->mode == MODE_MHC, fa = attn_impl((int)C, (int)NH, B, T) != ATTN_CUBLAS;
-    size_t x[NUM_ACTX] = {(size_t)slots * BT * n * C, hc ? K * BT * C : 0, K * BT * C, K * BT * C, L * BT * 3 * C, L * BT * C,
+    size_t x[NUM_ACTX] = {(size_t)slots * BT * n * C, hc && !hc_ln_fused((int)C) ? K * BT * C : 0, K * BT * C, K * BT * C, L * BT * 3 * C, L * BT * C,
                           fa ? 0 : L * B * NH * T * T, L * BT * 4 * C, L * BT * 4 * C, BT * C, BT * C, BT * Vp};
     size_t f[NUM_ACTF] = {K * BT, K * BT, hc ? K * BT * n : 0, hc ? K * BT * n : 0, hc ? K * BT * n * n : 0,
                           dhc ? K * BT * n : 0, dhc ? K * BT * n : 0, dhc ? K * BT * n * (n + 1) : 0, dhc ? K * BT * n : 0,
@@ -3707,7 +3828,8 @@ static void sublayer_forward(GPTHC *model, int k, const floatX *u, int B, int T,
     }
 }
 
-// du = d(sublayer input), or with dres: du = dres + d(sublayer input); parameter grads accumulated
+// du = d(sublayer input), or with dres: du = dres + d(sublayer input); parameter grads accumulated.
+// u NULL: the LayerNorm backward is left to the caller (its input gradient is in grads_acts.ln)
 static void sublayer_backward(GPTHC *model, int k, floatX *du, const floatX *dy, const floatX *u, int B, int T, const floatX *dres = NULL) {
     const GPTHCConfig *c = &model->config;
     ParameterTensors *g = &model->grads;
@@ -3721,14 +3843,14 @@ static void sublayer_backward(GPTHC *model, int k, floatX *du, const floatX *dy,
         matmul_backward(datty, g->attprojw + l * C * C, g->attprojb + l * C, dy, atty, px(model, P_ATTPROJW) + l * C * C, BT, C, C);
         attention_backward(dqkv, datty, atty, att, a->att_lse + l * B * NH * T, qkv, B, T, C, NH);
         matmul_backward(dln, g->qkvw + l * 3 * C * C, g->qkvb + l * 3 * C, dqkv, ln, px(model, P_QKVW) + l * 3 * C * C, BT, C, 3 * C);
-        layernorm_backward(du, g->ln1w + l * C, g->ln1b + l * C, dln, u, px(model, P_LN1W) + l * C, mean, rstd, BT, C, dres, dres == NULL);
+        if (u) layernorm_backward(du, g->ln1w + l * C, g->ln1b + l * C, dln, u, px(model, P_LN1W) + l * C, mean, rstd, BT, C, dres, dres == NULL);
     } else {
         floatX *fch = a->fch + l * BT * 4 * C, *fchg = a->fch_gelu + l * BT * 4 * C;
         floatX *dfch = ga->fch;
         matmul_backward(dfch, g->fcprojw + l * C * 4 * C, g->fcprojb + l * C, dy, fchg, px(model, P_FCPROJW) + l * C * 4 * C, BT, 4 * C, C,
                         fch);   // GELU backward fused
         matmul_backward(dln, g->fcw + l * 4 * C * C, g->fcb + l * 4 * C, dfch, ln, px(model, P_FCW) + l * 4 * C * C, BT, C, 4 * C);
-        layernorm_backward(du, g->ln2w + l * C, g->ln2b + l * C, dln, u, px(model, P_LN2W) + l * C, mean, rstd, BT, C, dres, dres == NULL);
+        if (u) layernorm_backward(du, g->ln2w + l * C, g->ln2b + l * C, dln, u, px(model, P_LN2W) + l * C, mean, rstd, BT, C, dres, dres == NULL);
     }
 }
 
@@ -3960,13 +4082,12 @@ void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int
                 kernelCheck();
             }
         } else {
-            floatX *u = a->u + k * BT * C;
-            int fb = hc_fused_boundary(c);
+            int fb = hc_fused_boundary(c), ln_done = C <= 32 * PN_NV * X128;
+            floatX *u = hc_ln_fused(C) ? NULL : a->u + k * BT * C;   // NULL: the backward recomputes u
             hc_coeffs_forward(model, k, Hk, BT, fb && k > 0);
-            int ln_done = C <= 32 * PN_NV * X128;
             {
                 ProfScope prof(PROF_HC);
-                if (ln_done) {   // u and the sublayer's LayerNorm in one pass
+                if (ln_done) {   // u (if stored) and the sublayer's LayerNorm in one pass
                     int l = k / 2;
                     DISPATCH_N(n, hc_premix_ln_kernel, ceil_div(BT, 8), 256, u, a->ln + k * BT * C, a->ln_mean + k * BT, a->ln_rstd + k * BT, Hk,
                                a->pre + k * BT * n, px(model, k % 2 ? P_LN2W : P_LN1W) + l * C, px(model, k % 2 ? P_LN2B : P_LN1B) + l * C,
@@ -4073,7 +4194,8 @@ void gpt_backward(GPTHC *model, float loss_scale, int last) {
         if (c->mode == MODE_RESIDUAL) {
             sublayer_backward(model, k, dHk, dHn, Hk, B, T, dHn);   // dH^k = dH^{k+1} + du
         } else {
-            floatX *u = a->u + k * BT * C, *du = ga->u, *dy = ga->y + (k % 2) * BT * C;   // two dy buffers: see side_wait
+            int lnf = hc_ln_fused(C), l = k / 2;
+            floatX *u = lnf ? NULL : a->u + k * BT * C, *du = ga->u, *dy = ga->y + (k % 2) * BT * C;   // two dy buffers: see side_wait
             size_t o1 = k * BT * n, o2 = k * BT * n * n;
             if (!fused || k == K - 1) {   // else done by step k + 1
                 ProfScope prof(PROF_HC);
@@ -4082,11 +4204,15 @@ void gpt_backward(GPTHC *model, float loss_scale, int last) {
                 kernelCheck();
                 hc_sinkhorn_backward(model, k, (int)BT);
             }
-            sublayer_backward(model, k, du, dy, u, B, T);   // writes du
-            {
+            sublayer_backward(model, k, du, dy, u, B, T);   // writes du, or leaves the LayerNorm backward to the pre-mix's
+            floatX *dHp = hc_fuses_premix(c) ? NULL : dHk;   // the tensor-core dH pass adds pre_i du itself
+            if (lnf) {
+                hc_ln_premix_backward(n, du, ga->pre, dHp, (k % 2 ? g->ln2w : g->ln1w) + l * C, (k % 2 ? g->ln2b : g->ln1b) + l * C, ga->ln, Hk,
+                                      a->pre + o1, px(model, k % 2 ? P_LN2W : P_LN1W) + l * C, a->ln_mean + k * BT, a->ln_rstd + k * BT,
+                                      (int)BT, C);
+            } else {
                 ProfScope prof(PROF_HC);
-                DISPATCH_N(n, hc_premix_backward_kernel, ceil_div(BT, 4), 128, hc_fuses_premix(c) ? NULL : dHk, ga->pre, du, Hk,
-                           a->pre + o1, (int)BT, C);
+                DISPATCH_N(n, hc_premix_backward_kernel, ceil_div(BT, 4), 128, dHp, ga->pre, du, Hk, a->pre + o1, (int)BT, C);
                 kernelCheck();
             }
             if (fused && k > 0) {   // with sublayer k - 1's post-mix backward; its dy buffer was read by sublayer k + 1's weight gradients

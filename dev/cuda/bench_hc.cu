@@ -11,7 +11,11 @@ HC/mHC kernels of train_gpt_hc.cu timed against their memory floor (issues 4 and
   and the trainer's mixing kernels (pre-mix, post-mix + residual merge, forward and backward);
   pre-mix + the sublayer's LayerNorm
                            1: hc_premix_forward_kernel, then layernorm_forward (u read back)
-                           2: hc_premix_ln_kernel (the trainer's): one pass
+                           2: hc_premix_ln_kernel: one pass
+                           3: the same without storing u (the trainer's)
+  LayerNorm backward + pre-mix backward
+                           1: layernorm_backward, then hc_premix_backward_kernel (u and du read)
+                           2: hc_ln_premix_backward (the trainer's): one pass, u recomputed
   post-mix of sublayer k + projection of sublayer k + 1
                            1: hc_postmix_forward_kernel, then mhc_proj_forward_kernel (H' read back)
                            2: hc_postmix_proj (the trainer's at n <= 4): one pass, H' formed on chip
@@ -272,16 +276,49 @@ int main(int argc, char **argv) {
         layernorm_forward(ln1, lm1, lr1, u, lnw, lnb, BT, C);
     };
     auto pl2 = [&] { hc_premix_ln_kernel<NN><<<ceil_div(BT, 8), 256>>>(u2, ln2, lm2, lr2, H, pre, lnw, lnb, BT, C); };
+    floatX *ln3 = dalloc<floatX>((size_t)BT * C);
+    float *lm3 = dalloc<float>(BT), *lr3 = dalloc<float>(BT);
+    auto pl3 = [&] { hc_premix_ln_kernel<NN><<<ceil_div(BT, 8), 256>>>(NULL, ln3, lm3, lr3, H, pre, lnw, lnb, BT, C); };
     pl1();
     pl2();
+    pl3();
     kernelCheck();
     {
         size_t xs = (size_t)BT * C * sizeof(floatX);
         bool same = same_bits(u, u2, xs) && same_bits(ln1, ln2, xs) && same_bits(lm1, lm2, BT * 4) && same_bits(lr1, lr2, BT * 4);
         printf("check: pre-mix + LayerNorm fused: u, ln, mean, rstd %s -> %s\n", same ? "bit-identical" : "DIFFERENT", verdict(same));
+        same = same_bits(ln1, ln3, xs) && same_bits(lm1, lm3, BT * 4) && same_bits(lr1, lr3, BT * 4);
+        printf("check: pre-mix + LayerNorm fused, u not stored: ln, mean, rstd %s -> %s\n", same ? "bit-identical" : "DIFFERENT",
+               verdict(same));
     }
     row("pre-mix + LayerNorm 1: two kernels", median_ms(pl1), hb + 2 * xb + BT * 8.0);
     row("pre-mix + LayerNorm 2: one kernel", median_ms(pl2), hb + 2 * xb + BT * 8.0);
+    row("pre-mix + LayerNorm 3: one kernel, u not stored", median_ms(pl3), hb + xb + BT * 8.0);
+    // the LayerNorm backward and the pre-mix backward (dpre; with dH also dH += pre_i du), from the
+    // forward's ln statistics: 1 the two kernels (u read), 2 one pass recomputing u
+    floatX *dln = rand_dev((size_t)BT * C, 1.0f, &rng), *du1 = dalloc<floatX>((size_t)BT * C), *du2 = dalloc<floatX>((size_t)BT * C);
+    float *dpb1 = dalloc<float>((size_t)BT * NN), *dpb2 = dalloc<float>((size_t)BT * NN), *dwb = dalloc<float>(4 * (size_t)C);
+    floatX *dHb1 = dalloc<floatX>(nh), *dHb2 = dalloc<floatX>(nh);
+    auto lb1 = [&](floatX *dHx) {
+        layernorm_backward(du1, dwb, dwb + C, dln, u, lnw, lm1, lr1, BT, C, NULL, 1);
+        hc_premix_backward_kernel<NN><<<ceil_div(BT, 4), 128>>>(dHx, dpb1, du1, H, pre, BT, C);
+    };
+    auto lb2 = [&](floatX *dHx) { hc_ln_premix_backward(NN, du2, dpb2, dHx, dwb + 2 * C, dwb + 3 * C, dln, H, pre, lnw, lm1, lr1, BT, C); };
+    {
+        cudaCheck(cudaMemset(dwb, 0, 4 * C * sizeof(float)));
+        cudaCheck(cudaMemcpy(dHb1, dH, nh * sizeof(floatX), cudaMemcpyDeviceToDevice));
+        cudaCheck(cudaMemcpy(dHb2, dH, nh * sizeof(floatX), cudaMemcpyDeviceToDevice));
+        lb1(dHb1);
+        lb2(dHb2);
+        kernelCheck();
+        size_t xs = (size_t)BT * C * sizeof(floatX);
+        bool same = same_bits(du1, du2, xs) && same_bits(dpb1, dpb2, BT * NN * 4) && same_bits(dHb1, dHb2, nh * sizeof(floatX));
+        same = same && same_bits(dwb, dwb + 2 * C, 2 * C * 4);
+        printf("check: LayerNorm + pre-mix backward fused: du, dpre, dH, dw, db %s -> %s\n", same ? "bit-identical" : "DIFFERENT",
+               verdict(same));
+    }
+    row("LayerNorm + pre-mix backward 1: two kernels (dpre)", median_ms([&] { lb1(NULL); }), hb + 4 * xb + BT * 8.0);
+    row("LayerNorm + pre-mix backward 2: one pass, u recomputed", median_ms([&] { lb2(NULL); }), hb + 2 * xb + BT * 8.0);
     // boundary fusion: the post-mix of sublayer k and the projection of sublayer k + 1
     floatX *Hn2 = dalloc<floatX>(nh);
     float *p2 = dalloc<float>((size_t)BT * MM), *r2 = dalloc<float>(BT);
