@@ -2006,6 +2006,22 @@ __device__ __forceinline__ x128 premix_chunk(const floatX *h, const float *p, in
     return o;
 }
 
+// channels of stream i of the post-mix, H'_i = post_i y + sum_j res[i][j] H_j (res row-major n x n),
+// from one 16-byte chunk of each stream and of y: every kernel that forms H' (the forward's, the
+// recomputation's, the backward boundary's) goes through this arithmetic, so all give the same bits
+template <int N>
+__device__ __forceinline__ x128 postmix_chunk(const float *res, float post_i, const x128 (&hv)[N], const x128 &yv, int i) {
+    x128 o;
+#pragma unroll
+    for (int e = 0; e < X128; e++) {
+        float sum = post_i * tof(yv.v[e]);
+#pragma unroll
+        for (int j = 0; j < N; j++) sum += res[i * N + j] * tof(hv[j].v[e]);
+        o.v[e] = tox(sum);
+    }
+    return o;
+}
+
 // u = sum_i pre[i] H_i
 template <int N>
 __global__ void hc_premix_forward_kernel(floatX *u, const floatX *H, const float *pre, int BT, int C) {
@@ -2219,17 +2235,7 @@ __global__ void hc_postmix_forward_kernel(floatX *Hout, const floatX *H, const f
 #pragma unroll
         for (int j = 0; j < n; j++) hv[j] = load128(h + (size_t)j * C + c);
 #pragma unroll
-        for (int i = 0; i < n; i++) {
-            x128 o;
-#pragma unroll
-            for (int e = 0; e < X128; e++) {
-                float sum = p[i] * tof(yv.v[e]);
-#pragma unroll
-                for (int j = 0; j < n; j++) sum += r[i * n + j] * tof(hv[j].v[e]);
-                o.v[e] = tox(sum);
-            }
-            store128(Hout + ((size_t)bt * n + i) * C + c, o);
-        }
+        for (int i = 0; i < n; i++) store128(Hout + ((size_t)bt * n + i) * C + c, postmix_chunk<N>(r, p[i], hv, yv, i));
     }
 }
 
@@ -2849,14 +2855,7 @@ __global__ void __launch_bounds__(128) hc_postmix_proj_kernel(floatX *Hout, floa
             for (int j = 0; j < N; j++) hv[j] = *reinterpret_cast<const x128 *>(Hs(b, j) + r * MP_LD + c8);
 #pragma unroll
             for (int i = 0; i < N; i++) {
-                x128 o;
-#pragma unroll
-                for (int q = 0; q < X128; q++) {
-                    float sum = cf[N * N + i] * tof(yv.v[q]);
-#pragma unroll
-                    for (int j = 0; j < N; j++) sum += cf[i * N + j] * tof(hv[j].v[q]);
-                    o.v[q] = tox(sum);
-                }
+                x128 o = postmix_chunk<N>(cf, cf[N * N + i], hv, yv, i);
                 *reinterpret_cast<x128 *>(Hs(b, i) + r * MP_LD + c8) = o;   // in place: this thread read all of them
                 if (t0 + r < BT) store128(Hout + (size_t)(t0 + r) * nC + (size_t)i * C + cc * 64 + c8, o);
             }
@@ -2942,8 +2941,13 @@ static void hc_postmix_proj(int n, bool dhc, floatX *Hout, float *p, float *rms,
 // H^T dp) took 162 + 42 us per d12 sublayer at n = 4.
 // DHC: dhc's LayerNorm backward through the block-diagonal phi; kx and k0 are per (token, stream).
 #define DH_GROUPS 16
-// acc = dp (this warp's 16 tokens x MK, rows of KLD) @ phi^T (MK x 64 channels, phi rows [channel][k])
-template <int MK, int KLD>
+// a phi tile's row r holds MK values as MK / 8 16-byte chunks; dense (rows of MK), chunk c sits at
+// c ^ phi_swz(r), so that the 8 rows of an ldmatrix fall in distinct bank groups (MK = 16, 32)
+template <int MK>
+__device__ __forceinline__ int phi_swz(int r) { return (r / (MK >= 64 ? 1 : 64 / MK)) % (MK / 8); }
+// acc = dp (this warp's 16 tokens x MK, rows of KLD) @ phi^T (MK x 64 channels, phi rows [channel][k]:
+// rows of KLD, or with PSWZ dense and swizzled)
+template <int MK, int KLD, bool PSWZ = false>
 __device__ __forceinline__ void dp_phiT_tile(float (&acc)[8][4], const floatX *ds, const floatX *Ps, int warp, int lane) {
 #pragma unroll
     for (int jj = 0; jj < 8; jj++) acc[jj][0] = acc[jj][1] = acc[jj][2] = acc[jj][3] = 0.0f;
@@ -2954,7 +2958,8 @@ __device__ __forceinline__ void dp_phiT_tile(float (&acc)[8][4], const floatX *d
 #pragma unroll
         for (int jp = 0; jp < 4; jp++) {
             uint32_t bb[4];
-            ldsm_x4(bb, Ps + ((lane % 8) + (lane / 16) * 8 + jp * 16) * KLD + kk * 16 + ((lane / 8) % 2) * 8);
+            int r = (lane % 8) + (lane / 16) * 8 + jp * 16, ch = kk * 2 + (lane / 8) % 2;
+            ldsm_x4(bb, PSWZ ? Ps + r * MK + (ch ^ phi_swz<MK>(r)) * 8 : Ps + r * KLD + ch * 8);
             mma_bf16(acc[2 * jp], a, bb[0], bb[1]);
             mma_bf16(acc[2 * jp + 1], a, bb[2], bb[3]);
         }
@@ -3115,75 +3120,74 @@ static void mhc_dh(int n, floatX *dH, float *dphi, int accumulate, const floatX 
 // one kernel. The finished dH^k never goes to memory: the block keeps its tile on chip and forms
 // from it dy^{k-1} = sum_i post_i dH^k_i, sublayer k - 1's first dH term res^T dH^k, and the
 // per-token sums dpost_i = dH^k_i . y, dres_ij = dH^k_i . H^{k-1}_j over its 64 channels (tensor
-// cores; summed over the channel ranges by hc_dpost_reduce_kernel). A block owns 64 channels of
-// every stream, so the mixing over streams stays in the block; it walks the tiles of its token
-// group (TT = 64 / n tokens each, one warp per (stream, 16 tokens) for the products) with two
-// cp.async stages of what the dH pass reads and one of what the post-mix backward reads (it lands
-// while the dH products run), three blocks per SM. Per sublayer this saves writing dH^k and reading
-// it back (200 MB at d12, n = 4): 192 us against 140 + 116 apart. n = 2, 4 (shared memory).
+// cores; summed over the channel ranges by hc_dpost_reduce_kernel). H^k itself is not read: the
+// block forms it from H^{k-1} and y^{k-1}, which the post-mix backward reads anyway, by the
+// forward's post-mix (postmix_chunk: the same bits as the stored H^k), 100 MB less per d12
+// sublayer at n = 4. A block owns 64 channels of every stream, so the mixing over streams stays in
+// the block; it walks the tiles of its token group (TT = 64 / n tokens each, one warp per (stream,
+// 16 tokens) for the products) with two cp.async stages of all it reads, three blocks per SM.
+// Versions 1 (mhc_dh + hc_postmix_backward_kernel) and 2 (H^k read) are in dev/cuda/bench_hc.cu.
+// n = 2, 4 (shared memory).
 template <int N>
 struct BdShape {
     static constexpr int m = N * N + 2 * N, MT = m / 8, MK = (m + 15) / 16 * 16, KLD = MK + 8, TT = 64 / N, NP = N + N * N;
-    static constexpr int TILE = TT * MP_LD;                 // one tile: TT tokens x 64 channels
-    static constexpr int STAGE = (2 * N + 1) * TILE + TT * KLD;   // two stages of H^k, dH^k per stream, du, dp
-    // one buffer of H^{k-1} per stream and y^{k-1} (dense rows, chunks swizzled: see pv_swz), and
-    // res, post of sublayer k - 1 (TT N^2 + TT N floats)
-    static constexpr int PREV = (N + 1) * TT * 64 + 2 * TT * NP;
-    // 74 KB at n = 4: three blocks per SM
-    static constexpr int SMEM = (N * 64 * KLD + 2 * STAGE + PREV) * (int)sizeof(floatX);   // + the n phi tiles
+    static constexpr int TILE = TT * MP_LD;   // one tile: TT tokens x 64 channels (rows padded)
+    // a stage: H^{k-1} per stream and y^{k-1} (dense rows, chunks swizzled: see pv_swz), res and
+    // post of sublayer k - 1 (TT NP floats), dH^k per stream, du, dp
+    static constexpr int PREV = (N + 1) * TT * 64, COEF = 2 * TT * NP;
+    static constexpr int STAGE = PREV + COEF + (N + 1) * TILE + TT * KLD;
+    // + the n phi tiles (dense rows of MK, swizzled) and the H^k tiles formed on chip: 72.5 KB at
+    // n = 4, three blocks per SM
+    static constexpr int SMEM = (N * 64 * MK + 2 * STAGE + N * TILE) * (int)sizeof(floatX);
 };
 template <int N, bool DHC>
-__global__ void __launch_bounds__(128, 3) hc_boundary_backward_kernel(floatX *dHm, floatX *dym, float *part, float *Mpart, const floatX *H,
-                                                                   const floatX *dH, const floatX *dp, const float *kx, const float *k0,
-                                                                   const floatX *phi, const floatX *du, const float *pre, const floatX *Hm,
-                                                                   const floatX *ym, const float *postm, const float *resm, int BT, int C,
-                                                                   int tiles_per_group) {
+__global__ void __launch_bounds__(128, 3) hc_boundary_backward_kernel(floatX *dHm, floatX *dym, float *part, float *Mpart, const floatX *dH,
+                                                                   const floatX *dp, const float *kx, const float *k0, const floatX *phi,
+                                                                   const floatX *du, const float *pre, const floatX *Hm, const floatX *ym,
+                                                                   const float *postm, const float *resm, int BT, int C, int tiles_per_group) {
     using S = BdShape<N>;
     constexpr int m = S::m, MT = S::MT, MK = S::MK, KLD = S::KLD, TT = S::TT, NP = S::NP;
     extern __shared__ __align__(16) unsigned char bd_smem[];
-    floatX *Ps = reinterpret_cast<floatX *>(bd_smem);   // stream s's phi rows c0..c0+63 at Ps + s * 64 * KLD, [channel][k]
+    floatX *Ps = reinterpret_cast<floatX *>(bd_smem);   // stream s's phi rows c0..c0+63 at Ps + s * 64 * MK, [channel][k]
     int nC = N * C, c0 = blockIdx.y * 64, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int s = warp % N, rw = (warp / N) * 16;   // this warp's stream and first token of the tile
     int tile0 = blockIdx.x * tiles_per_group, ntile = min(tiles_per_group, (BT + TT - 1) / TT - tile0);
-    auto T_ = [&](int b, int j) { return Ps + N * 64 * KLD + b * S::STAGE + j * S::TILE; };
-    // stage tiles j: [0, N) H^k, [N, 2N) dH^k, 2N du, then dp; the single buffer: H^{k-1} per stream, y^{k-1}
-    auto Ds = [&](int b) { return T_(b, 2 * N + 1); };
-    auto Pv = [&](int j) { return T_(2, 0) + j * TT * 64; };
-    float *cres = reinterpret_cast<float *>(Pv(N + 1)), *cpost = cres + TT * N * N;
+    floatX *stage0 = Ps + N * 64 * MK;
+    // stage b: Pv(b, j) H^{k-1}_j (j = N: y^{k-1}), cres/cpost, Dh(b, i) dH^k_i (i = N: du), Ds dp
+    auto Pv = [&](int b, int j) { return stage0 + b * S::STAGE + j * TT * 64; };
+    auto cres = [&](int b) { return reinterpret_cast<float *>(stage0 + b * S::STAGE + S::PREV); };
+    auto cpost = [&](int b) { return cres(b) + TT * N * N; };
+    auto Dh = [&](int b, int i) { return stage0 + b * S::STAGE + S::PREV + S::COEF + i * S::TILE; };
+    auto Ds = [&](int b) { return Dh(b, N + 1); };
+    auto Hk = [&](int i) { return stage0 + 2 * S::STAGE + i * S::TILE; };   // H^k, formed per tile
     // the 16-byte chunks of row r of H^{k-1}_j (j = N: y) sit XOR-swizzled, so that the 8 rows of one
     // ldmatrix below ((token, stream) pairs, or tokens for y) fall in distinct bank groups
     auto pv_swz = [&](int chunk, int r, int j) { return chunk ^ ((j < N ? r * N + j : r) & 7); };
-    for (int i = threadIdx.x; i < N * 64 * MT; i += blockDim.x) {
-        int r = i / MT, q = (i % MT) * 8;   // r = stream * 64 + channel
-        cp_async16(Ps + r * KLD + q, phi + ((size_t)(r / 64) * C + c0 + r % 64) * m + q, true);
+    for (int i = threadIdx.x; i < N * 64 * (MK / 8); i += blockDim.x) {   // phi, zero k-padding
+        int r = i / (MK / 8), ch = i % (MK / 8);   // r = stream * 64 + channel
+        floatX *dst = Ps + r * MK + (ch ^ phi_swz<MK>(r)) * 8;
+        if (ch < MT) cp_async16(dst, phi + ((size_t)(r / 64) * C + c0 + r % 64) * m + ch * 8, true);
+        else *reinterpret_cast<int4 *>(dst) = make_int4(0, 0, 0, 0);
     }
-    if (MK > m) {   // zero k-padding of the phi and dp tiles (cp.async never writes it)
-        for (int r = threadIdx.x; r < N * 64; r += blockDim.x) *reinterpret_cast<int4 *>(Ps + r * KLD + m) = make_int4(0, 0, 0, 0);
+    if (MK > m)   // zero k-padding of the dp tiles (cp.async never writes it)
         for (int r = threadIdx.x; r < 2 * TT; r += blockDim.x) *reinterpret_cast<int4 *>(Ds(r / TT) + (r % TT) * KLD + m) = make_int4(0, 0, 0, 0);
-    }
-    auto load_prev = [&](int j) {   // what the post-mix backward reads, one stage: it lands during the dH product
+    auto load = [&](int b, int j) {
         int t0 = (tile0 + j) * TT, live = BT - t0;
         for (int e = threadIdx.x; e < (N + 1) * TT * 8; e += blockDim.x) {
             int i = e / (TT * 8), r = (e / 8) % TT, c = (e % 8) * 8;
             bool ok = r < live;
             const floatX *src = i < N ? Hm + ((size_t)(t0 + r) * N + i) * C + c0 + c : ym + (size_t)(t0 + r) * C + c0 + c;
-            cp_async16(Pv(i) + r * 64 + pv_swz(c / 8, r, i) * 8, ok ? src : ym, ok);
+            cp_async16(Pv(b, i) + r * 64 + pv_swz(c / 8, r, i) * 8, ok ? src : ym, ok);
         }
         for (int q = threadIdx.x; q < TT * NP / 4; q += blockDim.x) {   // res rows, then post, in 16-byte pieces
             int f = q * 4, res = f < TT * N * N, g = res ? f : f - TT * N * N, per = res ? N * N : N;
             int bytes = max(0, min(4, live * per - g)) * 4;
             const float *src = res ? resm + (size_t)t0 * N * N + g : postm + (size_t)t0 * N + g;
-            cp_async16_n((res ? cres : cpost) + g, bytes > 0 ? src : postm, bytes);
+            cp_async16_n((res ? cres(b) : cpost(b)) + g, bytes > 0 ? src : postm, bytes);
         }
-    };
-    auto load = [&](int b, int j) {
-        int t0 = (tile0 + j) * TT;
 #pragma unroll
-        for (int i = 0; i < N; i++) {
-            fa_load_tile<TT>(T_(b, i), H + (size_t)t0 * nC + (size_t)i * C + c0, BT - t0, nC);
-            fa_load_tile<TT>(T_(b, N + i), dH + (size_t)t0 * nC + (size_t)i * C + c0, BT - t0, nC);
-        }
-        fa_load_tile<TT>(T_(b, 2 * N), du + (size_t)t0 * C + c0, BT - t0, C);
+        for (int i = 0; i < N; i++) fa_load_tile<TT>(Dh(b, i), dH + (size_t)t0 * nC + (size_t)i * C + c0, live, nC);
+        fa_load_tile<TT>(Dh(b, N), du + (size_t)t0 * C + c0, live, C);
         for (int i = threadIdx.x; i < TT * MT; i += blockDim.x) {
             int r = i / MT, q = (i % MT) * 8;
             bool ok = t0 + r < BT;
@@ -3199,15 +3203,26 @@ __global__ void __launch_bounds__(128, 3) hc_boundary_backward_kernel(floatX *dH
         for (int j = 0; j < MT; j++) macc[ct][j][0] = macc[ct][j][1] = macc[ct][j][2] = macc[ct][j][3] = 0.0f;
     for (int j = 0; j < ntile; j++) {
         int b = j & 1, t0 = (tile0 + j) * TT;
-        load_prev(j);   // these buffers were last read before the previous iteration's final barrier
-        cp_async_commit();
         if (j + 1 < ntile) load(b ^ 1, j + 1);
         cp_async_commit();
-        cp_async_wait<2>();   // tile j's stage
+        cp_async_wait<1>();   // tile j's stage
         __syncthreads();
-        const floatX *hs = T_(b, s), *ds = Ds(b);
+        // H^k = post y + res H^{k-1} of sublayer k - 1 (zero past BT: the loads zero-filled), 8
+        // channels of one token per thread and step (each warp forming only what its own products
+        // read, with __syncwarp, measured no faster: 196.9 vs 193.8 us)
+        for (int e = threadIdx.x; e < TT * 8; e += blockDim.x) {
+            int r = e >> 3, ch = e & 7;
+            const float *cf = cres(b) + r * N * N, *pp = cpost(b) + r * N;
+            x128 hv[N], yv = *reinterpret_cast<const x128 *>(Pv(b, N) + r * 64 + pv_swz(ch, r, N) * 8);
+#pragma unroll
+            for (int i = 0; i < N; i++) hv[i] = *reinterpret_cast<const x128 *>(Pv(b, i) + r * 64 + pv_swz(ch, r, i) * 8);
+#pragma unroll
+            for (int i = 0; i < N; i++) *reinterpret_cast<x128 *>(Hk(i) + r * MP_LD + ch * 8) = postmix_chunk<N>(cf, pp[i], hv, yv, i);
+        }
+        __syncthreads();
+        const floatX *hs = Hk(s), *ds = Ds(b);
         float acc[8][4];
-        dp_phiT_tile<MK, KLD>(acc, ds + rw * KLD, Ps + s * 64 * KLD, 0, lane);
+        dp_phiT_tile<MK, KLD, true>(acc, ds + rw * KLD, Ps + s * 64 * MK, 0, lane);
         uint32_t bb[MT][2];   // dp rows of this warp's 16 tokens as the B operand of H^T dp
 #pragma unroll
         for (int jt = 0; jt < MT; jt++) ldsm_x2_t(bb[jt], ds + (rw + (lane % 8) + ((lane / 8) % 2) * 8) * KLD + jt * 8);
@@ -3219,9 +3234,8 @@ __global__ void __launch_bounds__(128, 3) hc_boundary_backward_kernel(floatX *dH
 #pragma unroll
             for (int jt = 0; jt < MT; jt++) mma_bf16(macc[ct][jt], a, bb[jt][0], bb[jt][1]);
         }
-        dh_tile_epilogue<N, DHC>(T_(b, N + s) + rw * MP_LD, hs + rw * MP_LD, T_(b, 2 * N) + rw * MP_LD, acc, kx, k0, pre, t0 + rw, BT, s, 0, lane);
-        cp_async_wait<1>();   // tile j's H^{k-1} and y^{k-1}
-        __syncthreads();   // and the finished dH^k tiles
+        dh_tile_epilogue<N, DHC>(Dh(b, s) + rw * MP_LD, hs + rw * MP_LD, Dh(b, N) + rw * MP_LD, acc, kx, k0, pre, t0 + rw, BT, s, 0, lane);
+        __syncthreads();   // the finished dH^k tiles
         // sublayer k - 1's post-mix backward on them: dy and res^T dH^k with 8 channels of one token
         // per thread and step (the post-mix backward kernel's arithmetic: the same values)
         for (int e = threadIdx.x; e < TT * 8; e += blockDim.x) {
@@ -3229,12 +3243,12 @@ __global__ void __launch_bounds__(128, 3) hc_boundary_backward_kernel(floatX *dH
             if (t >= BT) continue;
             float rr[N * N], pp[N];
 #pragma unroll
-            for (int q = 0; q < N * N; q++) rr[q] = cres[r * N * N + q];
+            for (int q = 0; q < N * N; q++) rr[q] = cres(b)[r * N * N + q];
 #pragma unroll
-            for (int i = 0; i < N; i++) pp[i] = cpost[r * N + i];
+            for (int i = 0; i < N; i++) pp[i] = cpost(b)[r * N + i];
             x128 dv[N], dyo;
 #pragma unroll
-            for (int i = 0; i < N; i++) dv[i] = *reinterpret_cast<const x128 *>(T_(b, N + i) + r * MP_LD + c8);
+            for (int i = 0; i < N; i++) dv[i] = *reinterpret_cast<const x128 *>(Dh(b, i) + r * MP_LD + c8);
 #pragma unroll
             for (int q = 0; q < X128; q++) {
                 float dyv = 0.0f;
@@ -3256,7 +3270,7 @@ __global__ void __launch_bounds__(128, 3) hc_boundary_backward_kernel(floatX *dH
 #pragma unroll
             for (int nt = 0; nt < 3; nt++) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
             int tb = warp * TG, q8 = lane / 8, ar = (q8 % 2) * 8 + lane % 8;   // this lane's A row for ldmatrix
-            const floatX *arow = T_(b, N + ar / TG) + (tb + ar % TG) * MP_LD + (q8 / 2) * 8;
+            const floatX *arow = Dh(b, ar / TG) + (tb + ar % TG) * MP_LD + (q8 / 2) * 8;
             int bn = lane % 8, bk = (lane / 8) % 2;   // this lane's B column and k half for ldmatrix (x2)
 #pragma unroll
             for (int ks = 0; ks < 4; ks++) {
@@ -3264,9 +3278,9 @@ __global__ void __launch_bounds__(128, 3) hc_boundary_backward_kernel(floatX *dH
                 ldsm_x4(a, arow + ks * 16);
 #pragma unroll
                 for (int nt = 0; nt < 3; nt++) {
-                    int col = nt * 8 + bn, j = nt < 2 ? col % N : N, rb = tb + (nt < 2 ? col / N : bn % TG);
+                    int col = nt * 8 + bn, jv = nt < 2 ? col % N : N, rb = tb + (nt < 2 ? col / N : bn % TG);
                     uint32_t bf[2];
-                    ldsm_x2(bf, Pv(j) + rb * 64 + pv_swz(ks * 2 + bk, rb, j) * 8);
+                    ldsm_x2(bf, Pv(b, jv) + rb * 64 + pv_swz(ks * 2 + bk, rb, jv) * 8);
                     mma_bf16(sc[nt], a, bf[0], bf[1]);
                 }
             }
@@ -3312,7 +3326,7 @@ __global__ void hc_dpost_reduce_kernel(float *dpost, float *dres, const float *p
 
 
 template <int N, bool DHC>
-static void hc_boundary_launch(floatX *dH, float *dphi, int accumulate, const floatX *H, const floatX *dp, const float *kx, const float *k0,
+static void hc_boundary_launch(floatX *dH, float *dphi, int accumulate, const floatX *dp, const float *kx, const float *k0,
                                const floatX *phi, const floatX *du, const float *pre, const HcPrev *pv, int BT, int C) {
     using S = BdShape<N>;
     static bool attr = false;
@@ -3329,7 +3343,7 @@ static void hc_boundary_launch(floatX *dH, float *dphi, int accumulate, const fl
     // the next boundary kernel, in hc_coeffs_backward)
     float *Mpart = (float *)dscratch(5, (gm * count + (size_t)ranges * BT * S::NP) * sizeof(float));
     float *part = Mpart + gm * count;
-    hc_boundary_backward_kernel<N, DHC><<<dim3(G, ranges), 128, S::SMEM>>>(pv->dH, pv->dy, part, Mpart, H, dH, dp, kx, k0, phi, du, pre,
+    hc_boundary_backward_kernel<N, DHC><<<dim3(G, ranges), 128, S::SMEM>>>(pv->dH, pv->dy, part, Mpart, dH, dp, kx, k0, phi, du, pre,
                                                                            pv->H, pv->y, pv->post, pv->res, BT, C, tpg);
     kernelCheck();
     // the reduces on the coefficient stream, but dHC's dphi sums, which its parameter gradients read
@@ -3343,10 +3357,10 @@ static void hc_boundary_launch(floatX *dH, float *dphi, int accumulate, const fl
 }
 
 template <bool DHC>
-static void hc_boundary(int n, floatX *dH, float *dphi, int accumulate, const floatX *H, const floatX *dp, const float *kx, const float *k0,
+static void hc_boundary(int n, floatX *dH, float *dphi, int accumulate, const floatX *dp, const float *kx, const float *k0,
                         const floatX *phi, const floatX *du, const float *pre, const HcPrev *pv, int BT, int C) {
-    if (n == 2) hc_boundary_launch<2, DHC>(dH, dphi, accumulate, H, dp, kx, k0, phi, du, pre, pv, BT, C);
-    else if (n == 4) hc_boundary_launch<4, DHC>(dH, dphi, accumulate, H, dp, kx, k0, phi, du, pre, pv, BT, C);
+    if (n == 2) hc_boundary_launch<2, DHC>(dH, dphi, accumulate, dp, kx, k0, phi, du, pre, pv, BT, C);
+    else if (n == 4) hc_boundary_launch<4, DHC>(dH, dphi, accumulate, dp, kx, k0, phi, du, pre, pv, BT, C);
     else die("internal: the fused backward boundary takes n = 2 or 4 (n=%d)", n);
 }
 
@@ -3961,7 +3975,7 @@ static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *H
         // the per-channel parameter gradients
         float *M = (float *)dscratch(1, (size_t)nC * m * sizeof(float) + (size_t)(w + 2 * ng) * sizeof(float) + 64);
         float *sums = M + (size_t)nC * m;
-        if (pv) hc_boundary<true>(n, dHk, M, 0, Hk, dpx, kx, k0, model->dhc_phi + (size_t)k * nC * m, du, a->pre + o1, pv, BT, C);
+        if (pv) hc_boundary<true>(n, dHk, M, 0, dpx, kx, k0, model->dhc_phi + (size_t)k * nC * m, du, a->pre + o1, pv, BT, C);
         else mhc_dh<true>(n, dHk, M, 0, Hk, dpx, kx, k0, model->dhc_phi + (size_t)k * nC * m, du, a->pre + o1, BT, C);
         cudaCheck(cudaMemset(sums, 0, (w + 2 * ng) * sizeof(float)));
         colsum(sums, rows, BT, w + 2 * ng);
@@ -4019,7 +4033,7 @@ static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *H
         const floatX *phix = px(model, P_MHC_PHI) + (size_t)k * nC * m;
 #if !defined(ENABLE_FP32)
         if (hc_tensor_cores(C, m)) {   // dH += pre_i du + dp @ phi^T + kx H and dphi += vec(H)^T dp, one pass over H and dH
-            if (pv) hc_boundary<false>(n, dHk, g->mhc_phi + (size_t)k * nC * m, 1, Hk, dpx, kx, NULL, phix, du, a->pre + o1, pv, BT, C);
+            if (pv) hc_boundary<false>(n, dHk, g->mhc_phi + (size_t)k * nC * m, 1, dpx, kx, NULL, phix, du, a->pre + o1, pv, BT, C);
             else mhc_dh<false>(n, dHk, g->mhc_phi + (size_t)k * nC * m, 1, Hk, dpx, kx, NULL, phix, du, a->pre + o1, BT, C);
         } else
 #endif

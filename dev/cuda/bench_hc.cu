@@ -21,7 +21,9 @@ HC/mHC kernels of train_gpt_hc.cu timed against their memory floor (issues 4 and
                            2: hc_postmix_proj (the trainer's at n <= 4): one pass, H' formed on chip
   dH pass of sublayer k + post-mix backward of sublayer k - 1
                            1: mhc_dh (writes dH^k), then hc_postmix_backward_kernel (reads it back)
-                           2: hc_boundary (the trainer's at n <= 4): one kernel, dH^k kept on chip
+                           2: hc_boundary_v2: one kernel, dH^k kept on chip, H^k read
+                           3: hc_boundary (the trainer's at n <= 4): H^k formed on chip from
+                              H^{k-1} and y^{k-1}, which it reads anyway
   and mHC's coefficient kernels (gates, Sinkhorn-Knopp forward and backward, thread per row), in
   one piece and in the trainer's two parts (Sinkhorn-Knopp apart, for the coefficient stream).
 Each variant 2 (and 3) is checked against variant 1 on random inputs first. Floor = bytes that must
@@ -35,6 +37,217 @@ move (each input read once, each output written once) / the measured device-to-d
 #if defined(ENABLE_FP32)
 #error "bench_hc times the bf16 kernels: build without ENABLE_FP32"
 #endif
+
+// Version 2 of the backward boundary kernel (the trainer's in sessions 7-8): as version 3, the
+// trainer's hc_boundary_backward_kernel, but reading H^k from memory (two cp.async stages) and
+// H^{k-1}, y^{k-1} in one stage of their own that lands while the dH products run: 4 hb + 3 xb
+// per call against version 3's 3 hb + 3 xb (H^k formed on chip from H^{k-1} and y^{k-1})
+template <int N>
+struct BdShapeV2 {
+    static constexpr int m = N * N + 2 * N, MT = m / 8, MK = (m + 15) / 16 * 16, KLD = MK + 8, TT = 64 / N, NP = N + N * N;
+    static constexpr int TILE = TT * MP_LD;                 // one tile: TT tokens x 64 channels
+    static constexpr int STAGE = (2 * N + 1) * TILE + TT * KLD;   // two stages of H^k, dH^k per stream, du, dp
+    // one buffer of H^{k-1} per stream and y^{k-1} (dense rows, chunks swizzled: see pv_swz), and
+    // res, post of sublayer k - 1 (TT N^2 + TT N floats)
+    static constexpr int PREV = (N + 1) * TT * 64 + 2 * TT * NP;
+    // 74 KB at n = 4: three blocks per SM
+    static constexpr int SMEM = (N * 64 * KLD + 2 * STAGE + PREV) * (int)sizeof(floatX);   // + the n phi tiles
+};
+template <int N, bool DHC>
+__global__ void __launch_bounds__(128, 3) hc_boundary_v2_kernel(floatX *dHm, floatX *dym, float *part, float *Mpart, const floatX *H,
+                                                                   const floatX *dH, const floatX *dp, const float *kx, const float *k0,
+                                                                   const floatX *phi, const floatX *du, const float *pre, const floatX *Hm,
+                                                                   const floatX *ym, const float *postm, const float *resm, int BT, int C,
+                                                                   int tiles_per_group) {
+    using S = BdShapeV2<N>;
+    constexpr int m = S::m, MT = S::MT, MK = S::MK, KLD = S::KLD, TT = S::TT, NP = S::NP;
+    extern __shared__ __align__(16) unsigned char bd_smem[];
+    floatX *Ps = reinterpret_cast<floatX *>(bd_smem);   // stream s's phi rows c0..c0+63 at Ps + s * 64 * KLD, [channel][k]
+    int nC = N * C, c0 = blockIdx.y * 64, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int s = warp % N, rw = (warp / N) * 16;   // this warp's stream and first token of the tile
+    int tile0 = blockIdx.x * tiles_per_group, ntile = min(tiles_per_group, (BT + TT - 1) / TT - tile0);
+    auto T_ = [&](int b, int j) { return Ps + N * 64 * KLD + b * S::STAGE + j * S::TILE; };
+    // stage tiles j: [0, N) H^k, [N, 2N) dH^k, 2N du, then dp; the single buffer: H^{k-1} per stream, y^{k-1}
+    auto Ds = [&](int b) { return T_(b, 2 * N + 1); };
+    auto Pv = [&](int j) { return T_(2, 0) + j * TT * 64; };
+    float *cres = reinterpret_cast<float *>(Pv(N + 1)), *cpost = cres + TT * N * N;
+    // the 16-byte chunks of row r of H^{k-1}_j (j = N: y) sit XOR-swizzled, so that the 8 rows of one
+    // ldmatrix below ((token, stream) pairs, or tokens for y) fall in distinct bank groups
+    auto pv_swz = [&](int chunk, int r, int j) { return chunk ^ ((j < N ? r * N + j : r) & 7); };
+    for (int i = threadIdx.x; i < N * 64 * MT; i += blockDim.x) {
+        int r = i / MT, q = (i % MT) * 8;   // r = stream * 64 + channel
+        cp_async16(Ps + r * KLD + q, phi + ((size_t)(r / 64) * C + c0 + r % 64) * m + q, true);
+    }
+    if (MK > m) {   // zero k-padding of the phi and dp tiles (cp.async never writes it)
+        for (int r = threadIdx.x; r < N * 64; r += blockDim.x) *reinterpret_cast<int4 *>(Ps + r * KLD + m) = make_int4(0, 0, 0, 0);
+        for (int r = threadIdx.x; r < 2 * TT; r += blockDim.x) *reinterpret_cast<int4 *>(Ds(r / TT) + (r % TT) * KLD + m) = make_int4(0, 0, 0, 0);
+    }
+    auto load_prev = [&](int j) {   // what the post-mix backward reads, one stage: it lands during the dH product
+        int t0 = (tile0 + j) * TT, live = BT - t0;
+        for (int e = threadIdx.x; e < (N + 1) * TT * 8; e += blockDim.x) {
+            int i = e / (TT * 8), r = (e / 8) % TT, c = (e % 8) * 8;
+            bool ok = r < live;
+            const floatX *src = i < N ? Hm + ((size_t)(t0 + r) * N + i) * C + c0 + c : ym + (size_t)(t0 + r) * C + c0 + c;
+            cp_async16(Pv(i) + r * 64 + pv_swz(c / 8, r, i) * 8, ok ? src : ym, ok);
+        }
+        for (int q = threadIdx.x; q < TT * NP / 4; q += blockDim.x) {   // res rows, then post, in 16-byte pieces
+            int f = q * 4, res = f < TT * N * N, g = res ? f : f - TT * N * N, per = res ? N * N : N;
+            int bytes = max(0, min(4, live * per - g)) * 4;
+            const float *src = res ? resm + (size_t)t0 * N * N + g : postm + (size_t)t0 * N + g;
+            cp_async16_n((res ? cres : cpost) + g, bytes > 0 ? src : postm, bytes);
+        }
+    };
+    auto load = [&](int b, int j) {
+        int t0 = (tile0 + j) * TT;
+#pragma unroll
+        for (int i = 0; i < N; i++) {
+            fa_load_tile<TT>(T_(b, i), H + (size_t)t0 * nC + (size_t)i * C + c0, BT - t0, nC);
+            fa_load_tile<TT>(T_(b, N + i), dH + (size_t)t0 * nC + (size_t)i * C + c0, BT - t0, nC);
+        }
+        fa_load_tile<TT>(T_(b, 2 * N), du + (size_t)t0 * C + c0, BT - t0, C);
+        for (int i = threadIdx.x; i < TT * MT; i += blockDim.x) {
+            int r = i / MT, q = (i % MT) * 8;
+            bool ok = t0 + r < BT;
+            cp_async16(Ds(b) + r * KLD + q, dp + (ok ? (size_t)(t0 + r) * m + q : 0), ok);
+        }
+    };
+    load(0, 0);
+    cp_async_commit();
+    float macc[4][MT][4];   // H^T dp for this warp's stream: 4 tiles of 16 channels x m
+#pragma unroll
+    for (int ct = 0; ct < 4; ct++)
+#pragma unroll
+        for (int j = 0; j < MT; j++) macc[ct][j][0] = macc[ct][j][1] = macc[ct][j][2] = macc[ct][j][3] = 0.0f;
+    for (int j = 0; j < ntile; j++) {
+        int b = j & 1, t0 = (tile0 + j) * TT;
+        load_prev(j);   // these buffers were last read before the previous iteration's final barrier
+        cp_async_commit();
+        if (j + 1 < ntile) load(b ^ 1, j + 1);
+        cp_async_commit();
+        cp_async_wait<2>();   // tile j's stage
+        __syncthreads();
+        const floatX *hs = T_(b, s), *ds = Ds(b);
+        float acc[8][4];
+        dp_phiT_tile<MK, KLD>(acc, ds + rw * KLD, Ps + s * 64 * KLD, 0, lane);
+        uint32_t bb[MT][2];   // dp rows of this warp's 16 tokens as the B operand of H^T dp
+#pragma unroll
+        for (int jt = 0; jt < MT; jt++) ldsm_x2_t(bb[jt], ds + (rw + (lane % 8) + ((lane / 8) % 2) * 8) * KLD + jt * 8);
+#pragma unroll
+        for (int ct = 0; ct < 4; ct++) {
+            uint32_t a[4];
+            int mat = lane / 8;
+            ldsm_x4_t(a, hs + (rw + lane % 8 + (mat / 2) * 8) * MP_LD + ct * 16 + (mat % 2) * 8);
+#pragma unroll
+            for (int jt = 0; jt < MT; jt++) mma_bf16(macc[ct][jt], a, bb[jt][0], bb[jt][1]);
+        }
+        dh_tile_epilogue<N, DHC>(T_(b, N + s) + rw * MP_LD, hs + rw * MP_LD, T_(b, 2 * N) + rw * MP_LD, acc, kx, k0, pre, t0 + rw, BT, s, 0, lane);
+        cp_async_wait<1>();   // tile j's H^{k-1} and y^{k-1}
+        __syncthreads();   // and the finished dH^k tiles
+        // sublayer k - 1's post-mix backward on them: dy and res^T dH^k with 8 channels of one token
+        // per thread and step (the post-mix backward kernel's arithmetic: the same values)
+        for (int e = threadIdx.x; e < TT * 8; e += blockDim.x) {
+            int r = e >> 3, c8 = (e & 7) * 8, t = t0 + r;
+            if (t >= BT) continue;
+            float rr[N * N], pp[N];
+#pragma unroll
+            for (int q = 0; q < N * N; q++) rr[q] = cres[r * N * N + q];
+#pragma unroll
+            for (int i = 0; i < N; i++) pp[i] = cpost[r * N + i];
+            x128 dv[N], dyo;
+#pragma unroll
+            for (int i = 0; i < N; i++) dv[i] = *reinterpret_cast<const x128 *>(T_(b, N + i) + r * MP_LD + c8);
+#pragma unroll
+            for (int q = 0; q < X128; q++) {
+                float dyv = 0.0f;
+#pragma unroll
+                for (int i = 0; i < N; i++) dyv += pp[i] * tof(dv[i].v[q]);
+                dyo.v[q] = tox(dyv);
+            }
+            store128(dym + (size_t)t * C + c0 + c8, dyo);
+#pragma unroll
+            for (int jj = 0; jj < N; jj++) store128(dHm + ((size_t)t * N + jj) * C + c0 + c8, res_t_mix<N>(rr, dv, jj));
+        }
+        // and the per-token sums over this block's 64 channels, dres_ij = dH^k_i . H^{k-1}_j and
+        // dpost_i = dH^k_i . y, on tensor cores: warp w takes tokens [w TG, w TG + TG) (TG = 16 / n),
+        // A = their dH^k rows (row i TG + l: stream i of token l), B = their H^{k-1} rows (column
+        // l' n + j, two n-tiles) and y rows (column l', one n-tile); only entries with l = l' are kept
+        {
+            constexpr int TG = 16 / N;
+            float sc[3][4];
+#pragma unroll
+            for (int nt = 0; nt < 3; nt++) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+            int tb = warp * TG, q8 = lane / 8, ar = (q8 % 2) * 8 + lane % 8;   // this lane's A row for ldmatrix
+            const floatX *arow = T_(b, N + ar / TG) + (tb + ar % TG) * MP_LD + (q8 / 2) * 8;
+            int bn = lane % 8, bk = (lane / 8) % 2;   // this lane's B column and k half for ldmatrix (x2)
+#pragma unroll
+            for (int ks = 0; ks < 4; ks++) {
+                uint32_t a[4];
+                ldsm_x4(a, arow + ks * 16);
+#pragma unroll
+                for (int nt = 0; nt < 3; nt++) {
+                    int col = nt * 8 + bn, j = nt < 2 ? col % N : N, rb = tb + (nt < 2 ? col / N : bn % TG);
+                    uint32_t bf[2];
+                    ldsm_x2(bf, Pv(j) + rb * 64 + pv_swz(ks * 2 + bk, rb, j) * 8);
+                    mma_bf16(sc[nt], a, bf[0], bf[1]);
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < 3; nt++)
+#pragma unroll
+                for (int v = 0; v < 4; v++) {
+                    int row = lane / 4 + 8 * (v / 2), col = nt * 8 + 2 * (lane % 4) + v % 2;
+                    int i = row / TG, l = row % TG, l2 = nt < 2 ? col / N : col - 16, t = t0 + tb + l;
+                    if (l2 != l || t >= BT) continue;
+                    int q = nt < 2 ? N + i * N + col % N : i;
+                    part[((size_t)blockIdx.y * BT + t) * NP + q] = sc[nt][v];
+                }
+        }
+        __syncthreads();   // buffer b is refilled next iteration
+    }
+    // this warp's share of H^T dp: group (blockIdx.x, token half) of Mpart; warps of one stream
+    // (n = 2) write separate groups
+    float *mp = Mpart + ((size_t)blockIdx.x * (4 / N) + warp / N) * nC * m;
+#pragma unroll
+    for (int ct = 0; ct < 4; ct++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            size_t row = (size_t)s * C + c0 + ct * 16 + lane / 4 + 8 * h;
+#pragma unroll
+            for (int jt = 0; jt < MT; jt++)
+                *reinterpret_cast<float2 *>(mp + row * m + jt * 8 + 2 * (lane % 4)) = make_float2(macc[ct][jt][2 * h], macc[ct][jt][2 * h + 1]);
+        }
+}
+
+template <int N, bool DHC>
+static void hc_boundary_v2(floatX *dH, float *dphi, int accumulate, const floatX *H, const floatX *dp, const float *kx, const float *k0,
+                               const floatX *phi, const floatX *du, const float *pre, const HcPrev *pv, int BT, int C) {
+    using S = BdShapeV2<N>;
+    static bool attr = false;
+    if (!attr) {   // over the 48 KB default: opt in once per instantiation
+        cudaCheck(cudaFuncSetAttribute(hc_boundary_v2_kernel<N, DHC>, cudaFuncAttributeMaxDynamicSharedMemorySize, S::SMEM));
+        attr = true;
+    }
+    // token groups x channel ranges: one wave of three blocks on each of an H100's 132 SMs. A
+    // constant, not the device's SM count: the dphi sums (over the groups) must not depend on the GPU
+    int ranges = C / 64, tiles = ceil_div(BT, S::TT), G = max(1, 3 * 132 / ranges), tpg = ceil_div(tiles, G);
+    G = ceil_div(tiles, tpg);
+    size_t count = (size_t)N * C * S::m, gm = (size_t)G * (4 / N);
+    // slot 5: the coefficient stream reads the parts while the main stream goes on (joined before
+    // the next boundary kernel, in hc_coeffs_backward)
+    float *Mpart = (float *)dscratch(5, (gm * count + (size_t)ranges * BT * S::NP) * sizeof(float));
+    float *part = Mpart + gm * count;
+    hc_boundary_v2_kernel<N, DHC><<<dim3(G, ranges), 128, S::SMEM>>>(pv->dH, pv->dy, part, Mpart, H, dH, dp, kx, k0, phi, du, pre,
+                                                                           pv->H, pv->y, pv->post, pv->res, BT, C, tpg);
+    kernelCheck();
+    // the reduces on the coefficient stream, but dHC's dphi sums, which its parameter gradients read
+    // on the main stream right away (mHC's are the gradient itself)
+    cudaStream_t s = coef_begin();
+    mhc_dphi_reduce_kernel<<<ceil_div(count, 256), 256, 0, DHC ? 0 : s>>>(dphi, Mpart, (int)gm, count, accumulate);
+    kernelCheck();
+    hc_dpost_reduce_kernel<<<ceil_div((size_t)BT * S::NP, 256), 256, 0, s>>>(pv->dpost, pv->dres, part, BT, N, ranges);
+    kernelCheck();
+    coef_end();
+}
 
 #define NN 4
 #define MM (NN * NN + 2 * NN)
@@ -342,25 +555,37 @@ int main(int argc, char **argv) {
     floatX *Hm = rand_dev(nh, 1.0f, &rng), *dHk = dalloc<floatX>(nh), *dHm1 = dalloc<floatX>(nh), *dHm2 = dalloc<floatX>(nh);
     floatX *dy2 = dalloc<floatX>((size_t)BT * C);
     float *dpost2 = dalloc<float>((size_t)BT * NN), *dres2 = dalloc<float>((size_t)BT * NN * NN), *dphi4 = dalloc<float>((size_t)nC * MM);
-    HcPrev pv = {dHm2, dy2, dpost2, dres2, Hm, y, post, res};
+    // H^k is the post-mix of H^{k-1} (version 3 forms it on chip from H^{k-1} and y^{k-1})
+    floatX *Hk = dalloc<floatX>(nh), *dHm3 = dalloc<floatX>(nh), *dy3 = dalloc<floatX>((size_t)BT * C);
+    hc_postmix_forward_kernel<NN><<<ceil_div(BT, 4), 128>>>(Hk, Hm, y, post, res, BT, C);
+    float *dpost3 = dalloc<float>((size_t)BT * NN), *dres3 = dalloc<float>((size_t)BT * NN * NN), *dphi5 = dalloc<float>((size_t)nC * MM);
+    HcPrev pv = {dHm2, dy2, dpost2, dres2, Hm, y, post, res}, pv3 = {dHm3, dy3, dpost3, dres3, Hm, y, post, res};
     auto bb1 = [&] {
-        mhc_dh<false>(NN, dHk, dphi3, 0, H, dp, kx, NULL, phi, du, pre, BT, C);
+        mhc_dh<false>(NN, dHk, dphi3, 0, Hk, dp, kx, NULL, phi, du, pre, BT, C);
         hc_postmix_backward_kernel<NN><<<ceil_div(BT, 4), 128>>>(dHm1, dy, dpost, dres, dHk, Hm, y, post, res, BT, C);
     };
-    auto bb2 = [&] { hc_boundary<false>(NN, dH, dphi4, 0, H, dp, kx, NULL, phi, du, pre, &pv, BT, C); };
+    auto bb2 = [&] { hc_boundary_v2<NN, false>(dH, dphi4, 0, Hk, dp, kx, NULL, phi, du, pre, &pv, BT, C); };
+    auto bb3 = [&] { hc_boundary<false>(NN, dH, dphi5, 0, dp, kx, NULL, phi, du, pre, &pv3, BT, C); };
     cudaCheck(cudaMemcpy(dHk, dH, nh * sizeof(floatX), cudaMemcpyDeviceToDevice));   // variant 1 accumulates into dH^k
     bb1();
     bb2();
+    bb3();
     kernelCheck();
     {
-        bool same = same_bits(dHm1, dHm2, nh * sizeof(floatX)) && same_bits(dy, dy2, (size_t)BT * C * sizeof(floatX));
+        size_t xs = (size_t)BT * C * sizeof(floatX);
+        bool same = same_bits(dHm1, dHm2, nh * sizeof(floatX)) && same_bits(dy, dy2, xs);
         double worst = fmax(rel_err(dpost2, dpost, (size_t)BT * NN),
                             fmax(rel_err(dres2, dres, (size_t)BT * NN * NN), rel_err(dphi4, dphi3, (size_t)nC * MM)));
         printf("check: dH pass + previous post-mix backward fused: dH^{k-1}, dy %s, dpost/dres/dphi rel err <= %.1e -> %s\n",
                same ? "bit-identical" : "DIFFERENT", worst, verdict(same && worst < 1e-5));
+        same = same_bits(dHm3, dHm2, nh * sizeof(floatX)) && same_bits(dy3, dy2, xs) && same_bits(dpost3, dpost2, BT * NN * 4) &&
+               same_bits(dres3, dres2, BT * NN * NN * 4) && same_bits(dphi5, dphi4, (size_t)nC * MM * 4);
+        printf("check: boundary kernel 3 (H^k formed on chip) vs 2: dH^{k-1}, dy, dpost, dres, dphi %s -> %s\n",
+               same ? "bit-identical" : "DIFFERENT", verdict(same));
     }
     row("dH pass + prev post-mix bwd 1: two kernels", median_ms(bb1), 4 * hb + 3 * xb + BT * MM * 2.0);
-    row("dH pass + prev post-mix bwd 2: one kernel", median_ms(bb2), 4 * hb + 3 * xb + BT * MM * 2.0);
+    row("dH pass + prev post-mix bwd 2: one kernel, H^k read", median_ms(bb2), 4 * hb + 3 * xb + BT * MM * 2.0);
+    row("dH pass + prev post-mix bwd 3: H^k formed on chip", median_ms(bb3), 3 * hb + 3 * xb + BT * MM * 2.0);
     // mHC's coefficients: gates and Sinkhorn-Knopp (20 iterations), forward and backward, one thread
     // per matrix row (latency-bound: the floor counts their few bytes per token)
     float *zb = dalloc<float>((size_t)BT * MM), *bias = rand_devf(MM, 0.0f, 0.5f, &rng), *alpha = rand_devf(3, 1.0f, 0.1f, &rng);
