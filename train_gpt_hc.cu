@@ -15,7 +15,9 @@ backward), with our FlashAttention-2 kernels on mma.sync as the fallback; elsewh
 matmuls around a masked softmax (llm.c's non-cuDNN path). The HC mixing kernels are templated on n
 and work one warp per token; mHC's x @ phi products run on tensor cores with the rms terms fused,
 the projection of sublayer k + 1 fused into the post-mix of sublayer k, the post-mix backward of
-sublayer k - 1 into the dH pass of sublayer k, the LayerNorm into the pre-mix. Variants side by side:
+sublayer k - 1 into the dH pass of sublayer k (which forms H^k from H^{k-1} rather than read it),
+the LayerNorm into the pre-mix and its backward into the pre-mix backward (u recomputed, not
+stored). Variants side by side:
 dev/cuda/bench_attention.cu, dev/cuda/bench_hc.cu; measurements and history: dev/NOTES.md.
 */
 #include <cublasLt.h>
