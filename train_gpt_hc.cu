@@ -661,6 +661,20 @@ __global__ void layernorm_forward_vec_kernel(floatX *out, float *mean, float *rs
     ln_row_finish<NV>(v, s, C, w, b, out + (size_t)r * C, mean + r, rstd + r, lane);
 }
 
+// a LayerNorm backward row, one 16-byte chunk at a time: pass 1 adds the chunk to the row sums of
+// w dout (a) and w dout xhat (bs); pass 2 gives each input gradient from their means
+__device__ __forceinline__ void ln_bwd_chunk_sums(float &a, float &bs, const x128 &wv, const x128 &dv, const x128 &xv, float m, float s) {
+#pragma unroll
+    for (int e = 0; e < X128; e++) {
+        float dn = tof(wv.v[e]) * tof(dv.v[e]);
+        a += dn;
+        bs += dn * (tof(xv.v[e]) - m) * s;
+    }
+}
+__device__ __forceinline__ float ln_bwd_dx(float w, float g, float xhat, float s, float dn_mean, float dn_xhat) {
+    return s * (w * g - dn_mean - xhat * dn_xhat);
+}
+
 // dinp += the LayerNorm input gradient (dinp = dres + it, with dres); the weight and bias gradients are summed per block in
 // registers and then across the block's warps in a fixed order, into partial[block][2C]: rows are
 // dealt to blocks by index, so the sums do not depend on scheduling (deterministic)
@@ -686,13 +700,7 @@ __global__ void __launch_bounds__(32 * LN_BWD_WARPS) layernorm_backward_vec_kern
             if (i < nv) {
                 dv[j] = load128(d + i * X128);
                 xv[j] = load128(x + i * X128);
-                x128 wv = load128(w + i * X128);
-#pragma unroll
-                for (int e = 0; e < X128; e++) {
-                    float dn = tof(wv.v[e]) * tof(dv[j].v[e]);
-                    a += dn;
-                    bs += dn * (tof(xv[j].v[e]) - m) * s;
-                }
+                ln_bwd_chunk_sums(a, bs, load128(w + i * X128), dv[j], xv[j], m, s);
             }
         }
         float dn_mean = warp_sum(a) / C, dn_xhat = warp_sum(bs) / C;
@@ -710,7 +718,7 @@ __global__ void __launch_bounds__(32 * LN_BWD_WARPS) layernorm_backward_vec_kern
 #pragma unroll
                 for (int e = 0; e < X128; e++) {
                     float xhat = (tof(xv[j].v[e]) - m) * s, g = tof(dv[j].v[e]);
-                    gv.v[e] = tox(tof(gv.v[e]) + s * (tof(wv.v[e]) * g - dn_mean - xhat * dn_xhat));
+                    gv.v[e] = tox(tof(gv.v[e]) + ln_bwd_dx(tof(wv.v[e]), g, xhat, s, dn_mean, dn_xhat));
                     dw[j][e] += g * xhat;
                     db[j][e] += g;
                 }
@@ -2131,13 +2139,7 @@ __global__ void __launch_bounds__(32 * LN_BWD_WARPS) hc_ln_premix_backward_kerne
             if (i < nv) {
                 dv[j] = load128(d + i * X128);
                 xv[j] = premix_chunk<N>(h, p, i * X128, C);
-                x128 wv = load128(w + i * X128);
-#pragma unroll
-                for (int e = 0; e < X128; e++) {
-                    float dn = tof(wv.v[e]) * tof(dv[j].v[e]);
-                    a += dn;
-                    bs += dn * (tof(xv[j].v[e]) - m) * s;
-                }
+                ln_bwd_chunk_sums(a, bs, load128(w + i * X128), dv[j], xv[j], m, s);
             }
         }
         float dn_mean = warp_sum(a) / C, dn_xhat = warp_sum(bs) / C;
@@ -2151,7 +2153,7 @@ __global__ void __launch_bounds__(32 * LN_BWD_WARPS) hc_ln_premix_backward_kerne
 #pragma unroll
                 for (int e = 0; e < X128; e++) {
                     float xhat = (tof(xv[j].v[e]) - m) * s, g = tof(dv[j].v[e]);
-                    gv.v[e] = tox(tof(gv.v[e]) + s * (tof(wv.v[e]) * g - dn_mean - xhat * dn_xhat));
+                    gv.v[e] = tox(tof(gv.v[e]) + ln_bwd_dx(tof(wv.v[e]), g, xhat, s, dn_mean, dn_xhat));
                     acc[(j * X128 + e) * 32 + lane] += g * xhat;
                     acc[CP + (j * X128 + e) * 32 + lane] += g;
                 }
