@@ -2047,7 +2047,8 @@ __global__ void hc_premix_forward_kernel(floatX *u, const floatX *H, const float
 
 // u = sum_i pre[i] H_i and the LayerNorm that starts the sublayer (out, mean, rstd), one warp per
 // token: hc_premix_forward_kernel's and layernorm_forward_vec_kernel's arithmetic (the same values),
-// without reading u back; u is stored only if not NULL (hc_ln_fused: the backward recomputes it). PN_NV 16-byte chunks per lane at most: C <= 32 * PN_NV * X128
+// without reading u back; u is stored only if not NULL (hc_ln_fused: the backward recomputes it).
+// PN_NV 16-byte chunks per lane at most: C <= 32 * PN_NV * X128
 #define PN_NV 8
 template <int N>
 __global__ void hc_premix_ln_kernel(floatX *u, floatX *out, float *mean, float *rstd, const floatX *H, const float *pre, const floatX *w,
@@ -2114,7 +2115,7 @@ __global__ void hc_premix_backward_kernel(floatX *dH, float *dpre, const floatX 
 // hc_premix_backward_kernel's, and with dH also dH += pre_i du. dw, db: each warp sums its rows in
 // shared memory in the order it meets them, then the warps are added in order into
 // partial[block][2C]: the LayerNorm backward's sums, bit for bit (layernorm_param_finish_kernel
-// adds the blocks). H's row is read twice (the second time from L1).
+// adds the blocks). H's row is read twice, the second time right after the first (from cache).
 #define LP_NV 4   // 16-byte chunks a lane holds at most: C <= 32 LP_NV X128 (1024 in bf16; wider rows store u)
 template <int N>
 __global__ void __launch_bounds__(32 * LN_BWD_WARPS) hc_ln_premix_backward_kernel(floatX *du, float *dpre, float *partial, floatX *dH,
