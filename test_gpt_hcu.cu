@@ -391,57 +391,104 @@ static void test_mhc_proj(int BT, int C) {
 #endif
 
 #if !defined(ENABLE_FP32)
-// one model, two paths: the tensor-core HC kernels (g_hc_fused = 1, the BF16 default for even n and
-// C % 64 == 0) against the plain kernels, after 3 AdamW steps (lr 1e-2) so every HC parameter has
-// moved and has a gradient; a ragged token count (partial 64-token tiles). Loss, coefficients and
-// every gradient tensor are compared (max abs err / max |plain|)
+// one model, two paths: a fresh model (C / 64 heads) trained 3 AdamW steps (lr 1e-2, so every HC
+// parameter has moved and has a gradient), then one forward and backward per path (set_path(0),
+// then set_path(1)); r[f] keeps what run f left: loss, gradients, pre/post/res, the sublayer
+// LayerNorms' mean and rstd, and the stream states
+struct PathRun { float loss, *grads, *coef, *stat, *hs; };
+static void two_paths(GPTHC *model, int B, int T, uint64_t seed, void (*set_path)(int), PathRun r[2]) {
+    int BT = B * T, n = model->config.n, K = 2 * model->config.num_layers;
+    int *inp = (int *)mallocCheck(BT * sizeof(int)), *tgt = (int *)mallocCheck(BT * sizeof(int));
+    for (int i = 0; i < BT; i++) { inp[i] = rng_next(&seed) % 500; tgt[i] = rng_next(&seed) % 500; }
+    for (int t = 1; t <= 3; t++) {
+        gpt_forward(model, inp, tgt, B, T);
+        gpt_zero_grad(model);
+        gpt_backward(model, 1.0f, 1);
+        gpt_update(model, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.0f, 1.0f, t);
+    }
+    size_t nco = (size_t)K * BT * (2 * n + n * n), kb = (size_t)K * BT;
+    for (int f = 0; f < 2; f++) {
+        set_path(f);
+        gpt_forward(model, inp, tgt, B, T);
+        gpt_zero_grad(model);
+        gpt_backward(model, 1.0f, 1);
+        r[f].loss = model->mean_loss;
+        r[f].grads = to_host_f(model->grads_memory, model->num_parameters);
+        r[f].hs = floatx_to_host(model->acts.H, model->act_sizes_x[0]);
+        r[f].coef = (float *)mallocCheck(nco * sizeof(float));
+        cudaCheck(cudaMemcpy(r[f].coef, model->acts.pre, kb * n * sizeof(float), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(r[f].coef + kb * n, model->acts.post, kb * n * sizeof(float), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(r[f].coef + 2 * kb * n, model->acts.res, kb * n * n * sizeof(float), cudaMemcpyDeviceToHost));
+        r[f].stat = (float *)mallocCheck(2 * kb * sizeof(float));
+        cudaCheck(cudaMemcpy(r[f].stat, model->acts.ln_mean, kb * sizeof(float), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(r[f].stat + kb, model->acts.ln_rstd, kb * sizeof(float), cudaMemcpyDeviceToHost));
+    }
+    set_path(0);
+    free(inp); free(tgt);
+}
+static void free_paths(PathRun r[2]) {
+    for (int f = 0; f < 2; f++) { free(r[f].grads); free(r[f].coef); free(r[f].stat); free(r[f].hs); }
+}
+// the largest max abs err / max |b| over the parameter gradients, and whose
+static double worst_grad(const GPTHC *model, const float *a, const float *b, const char **name) {
+    double ma, mr, worst = 0.0;
+    size_t off = 0;
+    for (int ti = 0; ti < NUM_PARAMETER_TENSORS; ti++) {
+        size_t sz = model->param_sizes[ti];
+        if (sz == 0) continue;
+        diff_stats(a + off, b + off, sz, &ma, &mr);
+        double rel = mr > 0 ? ma / mr : 1.0;   // a gradient that vanished would hide a broken path
+        if (rel >= worst) { worst = rel; *name = PARAM_NAMES[ti]; }
+        off += sz;
+    }
+    return worst;
+}
+
+// the tensor-core HC kernels (g_hc_fused = 1, the BF16 default for even n and C % 64 == 0) against
+// the plain kernels; a ragged token count (partial 64-token tiles). Loss, coefficients and every
+// gradient tensor are compared (max abs err / max |plain|)
+static void fused_path(int f) { g_hc_fused = 1 - f; }
 static void test_fused_paths(int mode, int n, int C, int B, int T) {
     GPTHCConfig cfg = {T, 500, 512, 2, C / 64, C, mode, n, 20};
     GPTHC model;
     gpt_build_fresh(&model, &cfg, 7 + n);
-    int BT = B * T, K = 4;
-    int *inp = (int *)mallocCheck(BT * sizeof(int)), *tgt = (int *)mallocCheck(BT * sizeof(int));
-    uint64_t rng = 42 + n;
-    for (int i = 0; i < BT; i++) { inp[i] = rng_next(&rng) % 500; tgt[i] = rng_next(&rng) % 500; }
-    for (int t = 1; t <= 3; t++) {
-        gpt_forward(&model, inp, tgt, B, T);
-        gpt_zero_grad(&model);
-        gpt_backward(&model, 1.0f, 1);
-        gpt_update(&model, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.0f, 1.0f, t);
-    }
-    float loss[2], *grads[2], *coef[2];
-    size_t nco = (size_t)K * BT * (2 * n + n * n), P = model.num_parameters;
-    for (int f = 0; f < 2; f++) {
-        g_hc_fused = 1 - f;
-        gpt_forward(&model, inp, tgt, B, T);
-        gpt_zero_grad(&model);
-        gpt_backward(&model, 1.0f, 1);
-        loss[f] = model.mean_loss;
-        grads[f] = to_host_f(model.grads_memory, P);
-        coef[f] = (float *)mallocCheck(nco * sizeof(float));
-        cudaCheck(cudaMemcpy(coef[f], model.acts.pre, (size_t)K * BT * n * sizeof(float), cudaMemcpyDeviceToHost));
-        cudaCheck(cudaMemcpy(coef[f] + (size_t)K * BT * n, model.acts.post, (size_t)K * BT * n * sizeof(float), cudaMemcpyDeviceToHost));
-        cudaCheck(cudaMemcpy(coef[f] + (size_t)2 * K * BT * n, model.acts.res, (size_t)K * BT * n * n * sizeof(float), cudaMemcpyDeviceToHost));
-    }
-    g_hc_fused = 1;
-    double ma, mr, worst = 0.0, ce, cm;
+    PathRun r[2];
+    two_paths(&model, B, T, 42 + n, fused_path, r);
     const char *wname = "";
-    size_t off = 0;
-    for (int ti = 0; ti < NUM_PARAMETER_TENSORS; ti++) {
-        size_t sz = model.param_sizes[ti];
-        if (sz == 0) continue;
-        diff_stats(grads[0] + off, grads[1] + off, sz, &ma, &mr);
-        double rel = mr > 0 ? ma / mr : 1.0;   // a gradient that vanished would hide a broken path
-        if (rel >= worst) { worst = rel; wname = PARAM_NAMES[ti]; }
-        off += sz;
-    }
-    diff_stats(coef[0], coef[1], nco, &ce, &cm);
+    double worst = worst_grad(&model, r[0].grads, r[1].grads, &wname), ce, cm;
+    diff_stats(r[0].coef, r[1].coef, (size_t)4 * B * T * (2 * n + n * n), &ce, &cm);
     // the fused path rounds g_q = lnw o W_q and dp to bf16 where the plain one keeps fp32
-    report(worst < 2e-2 && ce < 5e-4 && fabs(loss[0] - loss[1]) < 1e-3,
+    report(worst < 2e-2 && ce < 5e-4 && fabs(r[0].loss - r[1].loss) < 1e-3,
            "fused vs plain HC kernels, %s n=%d C=%d BT=%d: loss %.6f vs %.6f, coefficients max abs err %.1e, worst gradient %s rel %.1e",
-           MODE_NAMES[mode], n, C, BT, loss[0], loss[1], ce, wname, worst);
-    for (int f = 0; f < 2; f++) { free(grads[f]); free(coef[f]); }
-    free(inp); free(tgt);
+           MODE_NAMES[mode], n, C, B * T, r[0].loss, r[1].loss, ce, wname, worst);
+    free_paths(r);
+    gpt_free(&model);
+}
+
+// the whole-row forward boundary (hc_fwd_boundary_kernel: post-mix, projection, gates, pre-mix and
+// LayerNorm in one kernel) against the kernels apart: H^1 bit-identical (the same post-mix
+// arithmetic on the same inputs; later states follow from coefficients summed in another order),
+// the other states, the coefficients and the LayerNorm statistics to rounding, the loss and every
+// gradient close
+static void fwd_path(int f) { g_fwd_boundary = 1 - f; }
+static void test_fwd_boundary(int mode, int n, int C, int B, int T) {
+    GPTHCConfig cfg = {T, 500, 512, 2, C / 64, C, mode, n, 20};
+    GPTHC model;
+    gpt_build_fresh(&model, &cfg, 5 + n);
+    PathRun r[2];
+    two_paths(&model, B, T, 17 + n, fwd_path, r);
+    size_t BT = (size_t)B * T, ns = BT * n * C, nh = model.act_sizes_x[0];   // slot k holds H^k (no recomputation)
+    const char *wname = "";
+    double worst = worst_grad(&model, r[0].grads, r[1].grads, &wname), ce, cm, se, sm, he, hm;
+    diff_stats(r[0].coef, r[1].coef, 4 * BT * (2 * n + n * n), &ce, &cm);
+    diff_stats(r[0].stat, r[1].stat, 4 * BT * 2, &se, &sm);
+    diff_stats(r[0].hs, r[1].hs, nh, &he, &hm);
+    int same = memcmp(r[0].hs, r[1].hs, 2 * ns * sizeof(float)) == 0;
+    report(same && he / hm < 1e-2 && ce < 1e-4 && se / sm < 1e-3 && fabs(r[0].loss - r[1].loss) < 1e-4 && worst < 1e-2,
+           "whole-row forward boundary vs the kernels apart, %s n=%d C=%d BT=%zu: H^1 bit-identical (%s), states rel %.1e, "
+           "loss %.6f vs %.6f, coefficients max abs err %.1e, LayerNorm mean/rstd rel %.1e, worst gradient %s rel %.1e",
+           MODE_NAMES[mode], n, C, BT, same ? "yes" : "NO", he / hm, r[0].loss, r[1].loss, ce, se / sm, wname, worst);
+    free_paths(r);
     gpt_free(&model);
 }
 #endif
@@ -590,6 +637,13 @@ int main(int argc, char **argv) {
     test_fused_paths(MODE_DHC, 4, 256, 2, 100);
     test_fused_paths(MODE_DHC, 4, 128, 2, 600);   // BT = 1200: several token tiles per block
     test_fused_paths(MODE_MHC, 4, 128, 1, 200);
+    // (B, T, heads) the tests above use: cuDNN's plans are cached per shape
+    test_fwd_boundary(MODE_MHC, 4, 128, 1, 200);   // a ragged last block (BT % 16 != 0)
+    test_fwd_boundary(MODE_MHC, 4, 256, 2, 100);
+    test_fwd_boundary(MODE_MHC, 2, 128, 1, 200);
+    test_fwd_boundary(MODE_DHC, 4, 128, 1, 200);
+    test_fwd_boundary(MODE_DHC, 2, 256, 2, 100);
+    test_fwd_boundary(MODE_DHC, 4, 768, 1, 200);   // d12's width: every chunk of y a thread holds
 #endif
     test_sinkhorn_storage();
     test_ln_premix_backward<4>(3000, 32 * 3 * X128);   // ragged: 3000 rows over 94 blocks of 8 warps; 3 chunks a lane (768 in bf16)

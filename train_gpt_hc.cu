@@ -14,7 +14,8 @@ BF16 (head size 64) is cuDNN's fused SDPA (built with the backend graph API, det
 backward), with our FlashAttention-2 kernels on mma.sync as the fallback; elsewhere cuBLAS batched
 matmuls around a masked softmax (llm.c's non-cuDNN path). The HC mixing kernels are templated on n
 and work one warp per token; mHC's x @ phi products run on tensor cores with the rms terms fused,
-the projection of sublayer k + 1 fused into the post-mix of sublayer k, the post-mix backward of
+the projection of sublayer k + 1 fused into the post-mix of sublayer k (at C <= 768 with the gates,
+pre-mix and LayerNorm of k + 1 too, on rows kept in shared memory), the post-mix backward of
 sublayer k - 1 into the dH pass of sublayer k (which forms H^k from H^{k-1} rather than read it),
 the LayerNorm into the pre-mix and its backward into the pre-mix backward (u recomputed, not
 stored). Variants side by side:
@@ -2050,15 +2051,10 @@ __global__ void hc_premix_forward_kernel(floatX *u, const floatX *H, const float
 // without reading u back; u is stored only if not NULL (hc_ln_fused: the backward recomputes it).
 // PN_NV 16-byte chunks per lane at most: C <= 32 * PN_NV * X128
 #define PN_NV 8
+// one token's row: h its n stream rows (global or shared memory), p its pre; u, out: its rows
 template <int N>
-__global__ void hc_premix_ln_kernel(floatX *u, floatX *out, float *mean, float *rstd, const floatX *H, const float *pre, const floatX *w,
-                                    const floatX *b, int BT, int C) {
-    int bt = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (bt >= BT) return;
-    const floatX *h = H + (size_t)bt * N * C;
-    float p[N];
-#pragma unroll
-    for (int i = 0; i < N; i++) p[i] = pre[(size_t)bt * N + i];
+__device__ __forceinline__ void premix_ln_row(floatX *u, floatX *out, float *mean, float *rstd, const floatX *h, const float *p,
+                                              const floatX *w, const floatX *b, int C, int lane) {
     x128 v[PN_NV];
     float s = 0.0f;
 #pragma unroll
@@ -2066,12 +2062,22 @@ __global__ void hc_premix_ln_kernel(floatX *u, floatX *out, float *mean, float *
         int c = (lane + 32 * j) * X128;
         if (c < C) {
             v[j] = premix_chunk<N>(h, p, c, C);
-            if (u) store128(u + (size_t)bt * C + c, v[j]);
+            if (u) store128(u + c, v[j]);
 #pragma unroll
             for (int e = 0; e < X128; e++) s += tof(v[j].v[e]);
         }
     }
-    ln_row_finish<PN_NV>(v, s, C, w, b, out + (size_t)bt * C, mean + bt, rstd + bt, lane);
+    ln_row_finish<PN_NV>(v, s, C, w, b, out, mean, rstd, lane);
+}
+template <int N>
+__global__ void hc_premix_ln_kernel(floatX *u, floatX *out, float *mean, float *rstd, const floatX *H, const float *pre, const floatX *w,
+                                    const floatX *b, int BT, int C) {
+    int bt = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (bt >= BT) return;
+    float p[N];
+#pragma unroll
+    for (int i = 0; i < N; i++) p[i] = pre[(size_t)bt * N + i];
+    premix_ln_row<N>(u ? u + (size_t)bt * C : NULL, out + (size_t)bt * C, mean + bt, rstd + bt, H + (size_t)bt * N * C, p, w, b, C, lane);
 }
 
 // dH += pre (x) du; dpre[i] = du . H_i
@@ -2545,6 +2551,24 @@ __global__ void rms_kernel(float *rms, const floatX *H, int BT, int nC) {
     if (lane == 0) rms[bt] = sqrtf(ss / nC + 1e-6f);
 }
 
+// row a of token bt's gates from its product row pp (m values) and rms r: z = p / r (the Sinkhorn
+// logits' part too, for part 2), pre_a and post_a; returns pre_a (shared by the coefficient kernel
+// and the forward boundary kernel)
+template <int N>
+__device__ __forceinline__ float mhc_gates_row(float *pre, float *post, float *zz, const float *pp, float r, const float *bias,
+                                               const float *alpha, size_t bt, int a) {
+    constexpr int n = N;
+    float z0 = pp[a] / r, z1 = pp[n + a] / r;
+    zz[a] = z0;
+    zz[n + a] = z1;
+    float pr = 1.0f / (1.0f + expf(-(alpha[0] * z0 + bias[a])));
+    pre[bt * n + a] = pr;
+    post[bt * n + a] = 2.0f / (1.0f + expf(-(alpha[1] * z1 + bias[n + a])));
+#pragma unroll
+    for (int b = 0; b < n; b++) zz[2 * n + a * n + b] = pp[2 * n + a * n + b] / r;
+    return pr;
+}
+
 // per (token, row a): z = p / r from vec(H) @ phi, the sigmoid gates (entry a of pre and post) and
 // row a of Sinkhorn-Knopp, in fp32; grid over BT * G threads. part 1: z and the gates; part 2:
 // Sinkhorn-Knopp from the z that part 1 stored (the trainer runs it on the coefficient stream: it
@@ -2556,16 +2580,7 @@ __global__ void mhc_coeffs_forward_kernel(float *pre, float *post, float *res, c
     int gt = blockIdx.x * blockDim.x + threadIdx.x, bt = gt / G, a = gt % G;
     bool live = bt < BT && a < n;
     float *zz = z + (size_t)(live ? bt : 0) * m, X[n], M[n], mx = -FLT_MAX;
-    if (live && (part & 1)) {
-        const float *pp = p + (size_t)bt * m;
-        float r = rms[bt], z0 = pp[a] / r, z1 = pp[n + a] / r;
-        zz[a] = z0;
-        zz[n + a] = z1;
-        pre[(size_t)bt * n + a] = 1.0f / (1.0f + expf(-(alpha[0] * z0 + bias[a])));
-        post[(size_t)bt * n + a] = 2.0f / (1.0f + expf(-(alpha[1] * z1 + bias[n + a])));
-#pragma unroll
-        for (int b = 0; b < n; b++) zz[2 * n + a * n + b] = pp[2 * n + a * n + b] / r;
-    }
+    if (live && (part & 1)) mhc_gates_row<N>(pre, post, zz, p + (size_t)bt * m, rms[bt], bias, alpha, bt, a);
     if (!(part & 2)) return;   // the same for every thread
     if (live)
 #pragma unroll
@@ -2934,6 +2949,283 @@ static void hc_postmix_proj(int n, bool dhc, floatX *Hout, float *p, float *rms,
     else if (n == 4) hc_postmix_proj_launch<4, false>(Hout, p, rms, rstd, H, y, post, res, phi, BT, C);
     else die("internal: the fused post-mix + projection kernel takes n = 2 or 4 (n=%d)", n);
 }
+
+// row r = (token r / n, stream i = r % n) of dhc's gates from the row's n + 2 products pr (of the
+// block-diagonal projection) and its LayerNorm mean mu and rstd rs: x_hat . g_q, the tanh terms
+// (ta, tb and xg kept for the backward), pre_i, post_i and column i of res; returns pre_i (shared by
+// dhc_coeffs_proj_kernel and the forward boundary kernel)
+template <int N>
+__device__ __forceinline__ float dhc_gates_row(float *pre, float *post, float *res, float *ta, float *tb, float *xg, const float *pr, float mu,
+                                               float rs, const float *gc, const float *A, const float *b, const float *sa, const float *sb,
+                                               size_t r) {
+    constexpr int n = N, n1 = N + 1, ng = N + 2;
+    size_t bt = r / n;
+    int i = (int)(r % n);
+    float t[ng];
+#pragma unroll
+    for (int q = 0; q < ng; q++) {
+        float x = rs * (pr[q] - mu * gc[q]);
+        xg[r * ng + q] = x;
+        t[q] = tanhf(x + gc[ng + q]);
+    }
+#pragma unroll
+    for (int q = 0; q < n1; q++) ta[r * n1 + q] = t[q];
+    tb[r] = t[n1];
+    float pv = A[i * n1] + sa[0] * t[0];
+    pre[r] = pv;
+    post[r] = b[i] + sb[0] * t[n1];
+#pragma unroll
+    for (int j = 0; j < n; j++) res[bt * n * n + j * n + i] = A[i * n1 + 1 + j] + sa[0] * t[1 + j];
+    return pv;
+}
+
+#if !defined(ENABLE_FP32)   // bf16 tensor-core kernels
+// phi (nC x m, row-major, one sublayer per blockIdx.y) as the tensor cores' B fragments: entry
+// (ks MT + j) 32 + lane holds the two registers lane needs for rows [16 ks, 16 ks + 16) and columns
+// [8 j, 8 j + 8), so a warp reads a fragment as one coalesced 256-byte load (from L2) instead of
+// staging phi in shared memory. Rebuilt every step (phi changes with each update): 3.5 MB at d12 n=4.
+__global__ void phi_frag_kernel(uint2 *out, const floatX *phi, int nC, int m) {
+    size_t per = (size_t)nC / 16 * (m / 8) * 32, e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= per) return;
+    int lane = (int)(e % 32), j = (int)(e / 32 % (m / 8)), ks = (int)(e / 32 / (m / 8)), col = j * 8 + lane / 4;
+    const floatX *P = phi + (size_t)blockIdx.y * nC * m;
+    auto pack = [&](int r) {   // rows r and r + 1 of column col, the lower row in the low half
+        __nv_bfloat162 v = __halves2bfloat162(P[(size_t)r * m + col], P[(size_t)(r + 1) * m + col]);
+        return *reinterpret_cast<uint32_t *>(&v);
+    };
+    int r0 = ks * 16 + 2 * (lane % 4);
+    out[(size_t)blockIdx.y * per + e] = make_uint2(pack(r0), pack(r0 + 8));
+}
+
+// Forward boundary on whole rows (issue 5): everything between sublayer k's output y and sublayer
+// k + 1's GEMMs in one kernel. A block owns FB_TOK tokens and keeps their n C-wide rows of H^{k+1} in
+// shared memory, so the pre-mix reads them from there: the post-mix + projection kernel followed by
+// the pre-mix + LayerNorm kernel read H^{k+1} back from HBM (100 MB per d12 sublayer at n = 4; session
+// 7's version of this fusion read it back through L2 and missed). Phases, between block barriers:
+//   1. H^{k+1}_i = post_i y + sum_j res_ij H^k_j (postmix_chunk: the bits of every kernel that forms
+//      it), to HBM and to the block's rows; per (token, stream) sums and squares of the rounded
+//      values (mHC's rms, dHC's per-stream LayerNorm statistics)
+//   2. p = vec(H^{k+1}) @ phi on the tensor cores, A from the rows, B fragments from phif (L2); warp w
+//      takes the w-th eighth of the nC products, the eight partial products summed in warp order
+//   3. sublayer k + 1's gates (mhc_gates_row / dhc_gates_row); mHC's Sinkhorn-Knopp stays on the
+//      coefficient stream, reading z
+//   4. u = sum_i pre_i H^{k+1}_i and the sublayer's LayerNorm, a warp per token (premix_ln_row)
+// H^{k+1} is bit-identical to the kernels apart; p is summed in another order, so pre and what
+// follows from it agree with them to rounding.
+// 16 tokens and 8 warps a block, two blocks per SM (16 threads per token in the post-mix, two
+// tokens per warp in the pre-mix); each thread holds FB_YV chunks of y: C <= 16 FB_YV X128 = 768.
+// Measured against it (bench_hc, C = 768): 8 tokens and 4 warps a block, four blocks per SM, 166 us
+// vs 141 (twice the phi fragments read per token, the products' rows half empty); persistent blocks
+// requesting the next group's rows during the LayerNorm, 160 us (register spills)
+#define FB_TOK 16
+#define FB_WARPS 8
+#define FB_YV 6
+struct FbArgs {
+    floatX *Hout;                       // H^{k+1}
+    const floatX *H, *y;                // H^k, sublayer k's output
+    const float *post, *res;            // sublayer k's
+    const uint2 *phif;                  // sublayer k + 1's phi as fragments (phi_frag_kernel)
+    float *pre, *post1, *res1, *z;      // sublayer k + 1's gates (res1: dhc only) and z (mhc) / xg (dhc)
+    float *st0, *st1;                   // mhc: rms (st1 unused); dhc: the per-stream mean and rstd
+    const float *bias, *alpha;          // mhc's gate parameters
+    float *ta, *tb;                     // dhc's tanh terms
+    const float *gc, *A, *b, *sa, *sb;  // dhc's gate parameters
+    floatX *u, *ln;                     // sublayer k + 1's input (NULL: not stored) and its LayerNorm
+    float *ln_mean, *ln_rstd;
+    const floatX *lnw, *lnb;
+    int BT, C;
+};
+// shared memory: the rows (FB_TOK x (nC + 8) bf16; the 16-byte pad keeps ldmatrix free of bank
+// conflicts), the warps' partial products (FB_WARPS x FB_TOK x m), res/post, pre and the statistics
+static size_t fb_smem(int n, int C) {
+    int m = n * n + 2 * n;
+    return (size_t)FB_TOK * (n * C + 8) * sizeof(floatX) + ((size_t)FB_WARPS * FB_TOK * m + (size_t)FB_TOK * (n * n + n + n * 3)) * sizeof(float);
+}
+// B fragments of k-steps [ks, ks + FB_KB) below k1 (zeros past it)
+#define FB_KB 4
+template <int MT>
+__device__ __forceinline__ void fb_load_b(uint2 (&bf)[FB_KB][MT], const uint2 *phif, int ks, int k1, int lane) {
+#pragma unroll
+    for (int u = 0; u < FB_KB; u++)
+#pragma unroll
+        for (int j = 0; j < MT; j++) bf[u][j] = ks + u < k1 ? __ldg(phif + ((size_t)(ks + u) * MT + j) * 32 + lane) : make_uint2(0, 0);
+}
+
+template <int N, bool DHC>
+__global__ void __launch_bounds__(32 * FB_WARPS, 2) hc_fwd_boundary_kernel(const FbArgs g) {
+    constexpr int m = N * N + 2 * N, MT = m / 8, NC = N * N + N, TB = FB_TOK, W = FB_WARPS, TPT = 32 * W / TB, YV = FB_YV;
+    extern __shared__ __align__(16) unsigned char fb_smem_raw[];
+    const int C = g.C, nC = N * C, RLD = nC + 8, BT = g.BT;
+    floatX *rows = reinterpret_cast<floatX *>(fb_smem_raw);
+    float *xch = reinterpret_cast<float *>(fb_smem_raw + (size_t)TB * RLD * sizeof(floatX));   // [warp][TB][m]
+    float *coef = xch + W * TB * m;   // [TB][NC]: res (row-major) and post of sublayer k
+    float *pre_s = coef + TB * NC;           // [TB][N]
+    float *st = pre_s + TB * N;              // [TB][N][2]: sum, sum of squares of H^{k+1}_i
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t0 = blockIdx.x * TB;
+    {   // 1. the post-mix. Every H^k row of the block is requested at once (cp.async into the rows, zeros
+        // past BT) and y into registers, so one wait covers all of the block's reads; then in place,
+        // TPT consecutive threads per token, each a chunk of every stream at a time
+        int nc8 = nC / X128;
+        for (int e = threadIdx.x; e < TB * nc8; e += blockDim.x) {
+            int r = e / nc8, c = (e % nc8) * X128;
+            bool in = t0 + r < BT;
+            cp_async16(rows + (size_t)r * RLD + c, in ? g.H + (size_t)(t0 + r) * nC + c : g.H, in);
+        }
+        cp_async_commit();
+        for (int e = threadIdx.x; e < TB * NC; e += blockDim.x) {
+            int r = e / NC, q = e % NC, t = t0 + r;
+            coef[e] = t >= BT ? 0.0f : q < N * N ? g.res[(size_t)t * N * N + q] : g.post[(size_t)t * N + q - N * N];
+        }
+        int r = threadIdx.x / TPT, sub = threadIdx.x % TPT, t = t0 + r, C8 = C / X128;
+        bool ok = t < BT;
+        x128 yv[YV];
+#pragma unroll
+        for (int j = 0; j < YV; j++) {
+            int c8 = sub + j * TPT;
+            yv[j] = ok && c8 < C8 ? load128(g.y + (size_t)t * C + c8 * X128) : x128{};
+        }
+        cp_async_wait<0>();
+        __syncthreads();
+        const float *cf = coef + r * NC;
+        floatX *row = rows + (size_t)r * RLD;
+        float s[N], q[N];
+#pragma unroll
+        for (int i = 0; i < N; i++) s[i] = q[i] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < YV; j++) {
+            int c = (sub + j * TPT) * X128;
+            if (c >= C) break;
+            x128 hv[N];
+#pragma unroll
+            for (int i = 0; i < N; i++) hv[i] = load128(row + i * C + c);
+#pragma unroll
+            for (int i = 0; i < N; i++) {
+                x128 o = postmix_chunk<N>(cf, cf[N * N + i], hv, yv[j], i);
+                store128(row + i * C + c, o);   // in place: this thread read every stream of the chunk
+                if (ok) store128(g.Hout + (size_t)t * nC + (size_t)i * C + c, o);
+#pragma unroll
+                for (int e = 0; e < X128; e++) { float x = tof(o.v[e]); s[i] += x; q[i] += x * x; }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < N; i++)
+#pragma unroll
+            for (int o = TPT / 2; o >= 1; o >>= 1) {
+                s[i] += __shfl_xor_sync(0xffffffff, s[i], o);
+                q[i] += __shfl_xor_sync(0xffffffff, q[i], o);
+            }
+        if (sub == 0)
+#pragma unroll
+            for (int i = 0; i < N; i++) { st[(r * N + i) * 2] = s[i]; st[(r * N + i) * 2 + 1] = q[i]; }
+    }
+    __syncthreads();
+    {   // 2. the projection: rows lane/4 and lane/4 + 8 of the fragments. The B fragments come in
+        // batches of FB_KB k-steps, each batch requested before the previous one is used (requesting
+        // the first during phase 1 spilled registers: 166 vs 141 us)
+        int k0 = warp * (nC / 16) / W, k1 = (warp + 1) * (nC / 16) / W;   // this warp's k-steps
+        uint2 bfa[FB_KB][MT], bfb[FB_KB][MT];
+        float acc[MT][4];
+#pragma unroll
+        for (int j = 0; j < MT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+        const floatX *arow = rows + (size_t)(lane % 16) * RLD + (lane / 16) * 8;
+        auto mma_batch = [&](const uint2 (&bf)[FB_KB][MT], int ks) {
+#pragma unroll
+            for (int u = 0; u < FB_KB; u++) {
+                if (ks + u >= k1) break;
+                uint32_t a[4];
+                ldsm_x4(a, arow + (ks + u) * 16);
+#pragma unroll
+                for (int j = 0; j < MT; j++) mma_bf16(acc[j], a, bf[u][j].x, bf[u][j].y);
+            }
+        };
+        fb_load_b<MT>(bfa, g.phif, k0, k1, lane);
+        for (int ks = k0; ks < k1; ks += 2 * FB_KB) {
+            fb_load_b<MT>(bfb, g.phif, ks + FB_KB, k1, lane);
+            mma_batch(bfa, ks);
+            fb_load_b<MT>(bfa, g.phif, ks + 2 * FB_KB, k1, lane);
+            mma_batch(bfb, ks + FB_KB);
+        }
+        float *xw = xch + warp * TB * m;
+#pragma unroll
+        for (int j = 0; j < MT; j++)
+#pragma unroll
+            for (int h = 0; h < 2; h++)
+                *reinterpret_cast<float2 *>(xw + (lane / 4 + 8 * h) * m + j * 8 + 2 * (lane % 4)) = make_float2(acc[j][2 * h], acc[j][2 * h + 1]);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < TB * m; e += blockDim.x) {   // p into warp 0's slot: each element read and written by one thread
+        float v = 0.0f;
+#pragma unroll
+        for (int w = 0; w < W; w++) v += xch[w * TB * m + e];
+        xch[e] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < TB * N) {   // 3. the gates, a thread per (token, stream)
+        int r = threadIdx.x / N, i = threadIdx.x % N;
+        size_t t = (size_t)t0 + r;
+        if (t < (size_t)BT) {
+            const float *pp = xch + r * m, *sr = st + r * N * 2;
+            float pv;
+            if (DHC) {
+                float mu = sr[2 * i] / C, rs = rsqrtf(fmaxf(sr[2 * i + 1] / C - mu * mu, 0.0f) + 1e-5f);
+                g.st0[t * N + i] = mu;
+                g.st1[t * N + i] = rs;
+                pv = dhc_gates_row<N>(g.pre, g.post1, g.res1, g.ta, g.tb, g.z, pp + i * (N + 2), mu, rs, g.gc, g.A, g.b, g.sa, g.sb, t * N + i);
+            } else {
+                float sq = 0.0f;
+#pragma unroll
+                for (int j = 0; j < N; j++) sq += sr[2 * j + 1];
+                float rr = sqrtf(sq / nC + 1e-6f);
+                if (i == 0) g.st0[t] = rr;
+                pv = mhc_gates_row<N>(g.pre, g.post1, g.z + t * m, pp, rr, g.bias, g.alpha, t, i);
+            }
+            pre_s[r * N + i] = pv;
+        }
+    }
+    __syncthreads();
+    for (int r = warp; r < TB; r += W) {   // 4. the pre-mix and the LayerNorm from the rows
+        size_t t = (size_t)t0 + r;
+        if (t >= (size_t)BT) break;
+        float p[N];
+#pragma unroll
+        for (int i = 0; i < N; i++) p[i] = pre_s[r * N + i];
+        premix_ln_row<N>(g.u ? g.u + t * C : NULL, g.ln + t * C, g.ln_mean + t, g.ln_rstd + t, rows + (size_t)r * RLD, p, g.lnw, g.lnb, C, lane);
+    }
+}
+
+// the whole-row kernel where it applies: n = 2, 4, C <= 16 FB_YV X128 and two blocks on an SM (768
+// at n = 4 on an H100); elsewhere the kernels apart. g_fwd_boundary = 0 (tests, or
+// GPT_HC_FUSE_FORWARD=0) keeps them apart
+static int g_fwd_boundary = -1;
+static int fb_fits(int n, int C) {
+    if (g_fwd_boundary < 0) g_fwd_boundary = !(getenv("GPT_HC_FUSE_FORWARD") && atoi(getenv("GPT_HC_FUSE_FORWARD")) == 0);
+    static int smsm = 0;
+    if (smsm == 0) {
+        int dev;
+        cudaCheck(cudaGetDevice(&dev));
+        cudaCheck(cudaDeviceGetAttribute(&smsm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+    }
+    return g_fwd_boundary && (n == 2 || n == 4) && C <= 16 * FB_YV * X128 && 2 * (fb_smem(n, C) + 1024) <= (size_t)smsm;
+}
+template <int N, bool DHC>
+static void hc_fwd_boundary_launch(const FbArgs &g) {
+    static int attr = 0;   // the largest size this instantiation has opted in to
+    int smem = (int)fb_smem(N, g.C);
+    if (smem > attr) {
+        cudaCheck(cudaFuncSetAttribute(hc_fwd_boundary_kernel<N, DHC>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        attr = smem;
+    }
+    hc_fwd_boundary_kernel<N, DHC><<<ceil_div(g.BT, FB_TOK), 32 * FB_WARPS, smem>>>(g);
+    kernelCheck();
+}
+static void hc_fwd_boundary(int n, bool dhc, const FbArgs &g) {
+    if (n == 2 && dhc) hc_fwd_boundary_launch<2, true>(g);
+    else if (n == 4 && dhc) hc_fwd_boundary_launch<4, true>(g);
+    else if (n == 2) hc_fwd_boundary_launch<2, false>(g);
+    else if (n == 4) hc_fwd_boundary_launch<4, false>(g);
+    else die("internal: the forward boundary kernel takes n = 2 or 4 (n=%d)", n);
+}
+#endif
 
 // The backward's pass over dH, one kernel (version 3; versions 1 and 2 are in dev/cuda/bench_hc.cu):
 //   dH += pre_i du + dp @ phi^T + kx H (+ k0 for dhc)   (the pre-mix, projection and rms terms)
@@ -3421,25 +3713,10 @@ template <int N>
 __global__ void dhc_coeffs_proj_kernel(float *pre, float *post, float *res, float *ta, float *tb, float *xg, const float *p,
                                        const float *mean, const float *rstd, const float *gc, const float *A, const float *b,
                                        const float *sa, const float *sb, int R) {
-    constexpr int n = N, n1 = N + 1, ng = N + 2, m = N * ng;
+    constexpr int ng = N + 2, m = N * ng;
     int r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= R) return;
-    int bt = r / n, i = r % n;
-    float mu = mean[r], rs = rstd[r], t[ng];
-    const float *pr = p + (size_t)bt * m + i * ng;
-#pragma unroll
-    for (int q = 0; q < ng; q++) {
-        float x = rs * (pr[q] - mu * gc[q]);
-        xg[(size_t)r * ng + q] = x;
-        t[q] = tanhf(x + gc[ng + q]);
-    }
-#pragma unroll
-    for (int q = 0; q < n1; q++) ta[(size_t)r * n1 + q] = t[q];
-    tb[r] = t[n1];
-    pre[r] = A[i * n1] + sa[0] * t[0];
-    post[r] = b[i] + sb[0] * t[n1];
-#pragma unroll
-    for (int j = 0; j < n; j++) res[(size_t)bt * n * n + j * n + i] = A[i * n1 + 1 + j] + sa[0] * t[1 + j];
+    dhc_gates_row<N>(pre, post, res, ta, tb, xg, p + (size_t)(r / N) * m + (r % N) * ng, mean[r], rstd[r], gc, A, b, sa, sb, r);
 }
 
 // per (token, stream i), G threads per token as in Sinkhorn: gate gradients gr, dp = bf16(rstd gr) in
@@ -3676,6 +3953,7 @@ typedef struct {
     float mean_loss;
     floatX *dhc_phi;                  // dhc's block-diagonal projections and their sums, per sublayer,
     float *dhc_gc;                    // rebuilt from the weights by every forward (fused path)
+    uint2 *phif;                      // mhc's phi or dhc_phi as B fragments (phi_frag_kernel), per sublayer, per forward
 } GPTHC;
 
 // floatX pointer to parameter tensor i
@@ -3873,7 +4151,8 @@ static void sublayer_backward(GPTHC *model, int k, floatX *du, const floatX *dy,
     }
 }
 
-// proj_done: the projection (and its statistics) of H^k came with the previous post-mix (hc_fused_boundary)
+// proj_done: the projection (and its statistics) of H^k came with the previous post-mix (hc_fused_boundary);
+// 2: the gates too (hc_fwd_boundary_kernel): only mHC's Sinkhorn-Knopp is left
 static void hc_coeffs_forward(GPTHC *model, int k, const floatX *Hk, int BT, int proj_done) {
     ProfScope prof(PROF_HC_COEF);
     const GPTHCConfig *c = &model->config;
@@ -3886,6 +4165,7 @@ static void hc_coeffs_forward(GPTHC *model, int k, const floatX *Hk, int BT, int
     } else if (c->mode == MODE_DHC) {
 #if !defined(ENABLE_FP32)
         if (hc_tensor_cores(C, m)) {
+            if (proj_done == 2) return;
             size_t o1 = (size_t)k * BT * n;
             float *pbuf = (float *)dscratch(0, (size_t)BT * m * sizeof(float));
             if (!proj_done)
@@ -3922,8 +4202,9 @@ static void hc_coeffs_forward(GPTHC *model, int k, const floatX *Hk, int BT, int
         // the gates now (the pre-mix needs pre); res, first read by the post-mix, on the coefficient
         // stream (gpt_forward joins it there)
         unsigned grid = ceil_div((size_t)BT * sk_group(n), 128);
-        DISPATCH_N(n, mhc_coeffs_forward_kernel, grid, 128, pre, post, res, a->mhc_rms + (size_t)k * BT, a->mhc_z + (size_t)k * BT * m, pbuf,
-                   p->mhc_bias + (size_t)k * m, p->mhc_alpha + k * 3, BT, n, c->sinkhorn_iters, 1);
+        if (proj_done < 2)
+            DISPATCH_N(n, mhc_coeffs_forward_kernel, grid, 128, pre, post, res, a->mhc_rms + (size_t)k * BT, a->mhc_z + (size_t)k * BT * m, pbuf,
+                       p->mhc_bias + (size_t)k * m, p->mhc_alpha + k * 3, BT, n, c->sinkhorn_iters, 1);
         cudaStream_t s = coef_begin();
         DISPATCH_N_STREAM(n, mhc_coeffs_forward_kernel, grid, 128, s, pre, post, res, a->mhc_rms + (size_t)k * BT, a->mhc_z + (size_t)k * BT * m,
                           (const float *)NULL, p->mhc_bias + (size_t)k * m, p->mhc_alpha + k * 3, BT, n, c->sinkhorn_iters, 2);
@@ -4085,6 +4366,17 @@ void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int
         dhc_gc_kernel<<<dim3(n + 2, K), 256>>>(model->dhc_gc, p->hc_lnw, p->hc_lnb, p->hc_Wa, p->hc_Wb, n, C);
         kernelCheck();
     }
+    int fbt = c->mode != MODE_RESIDUAL && hc_fused_boundary(c) && fb_fits(n, C);   // the whole-row forward boundary
+    if (fbt) {   // phi as fragments for it
+        ProfScope prof(PROF_HC_COEF);
+        int m = mhc_width(n);
+        size_t per = (size_t)n * C * m;
+        if (model->phif == NULL) cudaCheck(cudaMalloc(&model->phif, (size_t)K * per * sizeof(floatX)));
+        phi_frag_kernel<<<dim3(ceil_div(per / 4, 256), K), 256>>>(model->phif, c->mode == MODE_DHC ? model->dhc_phi : px(model, P_MHC_PHI), n * C, m);
+        kernelCheck();
+    }
+#else
+    int fbt = 0;
 #endif
     encoder_forward_kernel<<<dim3(BT, ceil_div(C, 256)), 256>>>(a->H, model->inputs, px(model, P_WTE), px(model, P_WPE), BT, T, C, n);
     kernelCheck();
@@ -4101,10 +4393,10 @@ void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int
                 kernelCheck();
             }
         } else {
-            int fb = hc_fused_boundary(c), ln_done = C <= 32 * PN_NV * X128;
+            int fb = hc_fused_boundary(c), ln_done = C <= 32 * PN_NV * X128, whole = fbt && k > 0;   // whole: step k - 1 did the pre-mix
             floatX *u = hc_ln_fused(C) ? NULL : a->u + k * BT * C;   // NULL: the backward recomputes u
-            hc_coeffs_forward(model, k, Hk, BT, fb && k > 0);
-            {
+            hc_coeffs_forward(model, k, Hk, BT, whole ? 2 : fb && k > 0);
+            if (!whole) {
                 ProfScope prof(PROF_HC);
                 if (ln_done) {   // u (if stored) and the sublayer's LayerNorm in one pass
                     int l = k / 2;
@@ -4122,6 +4414,21 @@ void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int
 #if !defined(ENABLE_FP32)
             if (fb && k + 1 < K) {   // H^{k+1} and sublayer k + 1's projection in one pass
                 size_t k1 = k + 1, m = mhc_width(n), dhc = c->mode == MODE_DHC;
+                if (fbt) {   // and the gates, pre-mix and LayerNorm of k + 1 (hc_coeffs_forward then leaves mHC's Sinkhorn-Knopp)
+                    ParameterTensors *p = &model->params;
+                    size_t o1 = k1 * BT * n, l1 = k1 / 2;
+                    FbArgs g = {Hn, Hk, y, a->post + k * BT * n, a->res + k * BT * n * n, model->phif + k1 * (n * C / 16) * (m / 8) * 32,
+                                a->pre + o1, a->post + o1, a->res + k1 * BT * n * n, a->mhc_z + k1 * BT * m,
+                                dhc ? a->hcn_mean + o1 : a->mhc_rms + k1 * BT, dhc ? a->hcn_rstd + o1 : NULL,
+                                dhc ? NULL : p->mhc_bias + k1 * m, dhc ? NULL : p->mhc_alpha + k1 * 3,
+                                dhc ? a->hc_ta + o1 * (n + 1) : NULL, dhc ? a->hc_tb + o1 : NULL, dhc ? model->dhc_gc + k1 * 2 * (n + 2) : NULL,
+                                dhc ? p->hc_A + k1 * n * (n + 1) : NULL, dhc ? p->hc_b + k1 * n : NULL, dhc ? p->hc_sa + k1 : NULL,
+                                dhc ? p->hc_sb + k1 : NULL,
+                                hc_ln_fused(C) ? NULL : a->u + k1 * BT * C, a->ln + k1 * BT * C, a->ln_mean + k1 * BT, a->ln_rstd + k1 * BT,
+                                px(model, k1 % 2 ? P_LN2W : P_LN1W) + l1 * C, px(model, k1 % 2 ? P_LN2B : P_LN1B) + l1 * C, (int)BT, C};
+                    hc_fwd_boundary(n, dhc, g);
+                    continue;
+                }
                 float *pbuf = (float *)dscratch(0, BT * m * sizeof(float));   // where hc_coeffs_forward reads it
                 const floatX *phi = (dhc ? model->dhc_phi : px(model, P_MHC_PHI)) + k1 * n * C * m;
                 hc_postmix_proj(n, dhc, Hn, pbuf, dhc ? a->hcn_mean + k1 * BT * n : a->mhc_rms + k1 * BT, dhc ? a->hcn_rstd + k1 * BT * n : NULL,
@@ -4543,6 +4850,7 @@ void gpt_free(GPTHC *model) {
     if ((void *)model->paramsx_memory != (void *)model->params_memory) cudaFree(model->paramsx_memory);
     cudaFree(model->dhc_phi);
     cudaFree(model->dhc_gc);
+    cudaFree(model->phif);
     cudaFree(model->grads_memory);
     cudaFree(model->wte_acc);
     cudaFree(model->m_memory);

@@ -18,7 +18,13 @@ HC/mHC kernels of train_gpt_hc.cu timed against their memory floor (issues 4 and
                            2: hc_ln_premix_backward (the trainer's): one pass, u recomputed
   post-mix of sublayer k + projection of sublayer k + 1
                            1: hc_postmix_forward_kernel, then mhc_proj_forward_kernel (H' read back)
-                           2: hc_postmix_proj (the trainer's at n <= 4): one pass, H' formed on chip
+                           2: hc_postmix_proj (the trainer's where fwd boundary 2 does not fit): one
+                              pass, H' formed on chip
+  post-mix of sublayer k + projection, gates, pre-mix and LayerNorm of sublayer k + 1
+                           1: hc_postmix_proj, the gates (mhc_coeffs_forward_kernel part 1), then
+                              hc_premix_ln_kernel (H' read back)
+                           2: hc_fwd_boundary_kernel (the trainer's where it fits: n = 2, 4,
+                              C <= 768): one kernel, a block's 16 rows of H' kept in shared memory
   dH pass of sublayer k + post-mix backward of sublayer k - 1
                            1: mhc_dh (writes dH^k), then hc_postmix_backward_kernel (reads it back)
                            2: hc_boundary_v2: one kernel, dH^k kept on chip, H^k read
@@ -551,6 +557,47 @@ int main(int argc, char **argv) {
     }
     row("post-mix fwd + next projection 1: two kernels", median_ms(bnd1), 2 * hb + xb + BT * MM * 4.0);
     row("post-mix fwd + next projection 2: one kernel", median_ms(bnd2), 2 * hb + xb + BT * MM * 4.0);
+    // the whole forward boundary: the post-mix of sublayer k, then sublayer k + 1's projection, gates,
+    // pre-mix and LayerNorm (u not stored). 1: the kernels apart; 2: one kernel on whole rows (where
+    // it fits: C <= 768 at n = 4)
+    {
+        float *gbias = rand_devf(MM, 0.0f, 0.5f, &rng), *galpha = rand_devf(3, 1.0f, 0.1f, &rng);
+        float *pra = dalloc<float>((size_t)BT * NN), *prb = dalloc<float>((size_t)BT * NN), *poa = dalloc<float>((size_t)BT * NN);
+        float *pob = dalloc<float>((size_t)BT * NN), *za = dalloc<float>((size_t)BT * MM), *zb2 = dalloc<float>((size_t)BT * MM);
+        float *rma = dalloc<float>(BT), *rmb = dalloc<float>(BT), *lma = dalloc<float>(BT), *lra = dalloc<float>(BT);
+        float *lmb = dalloc<float>(BT), *lrb = dalloc<float>(BT);
+        floatX *lna = dalloc<floatX>((size_t)BT * C), *lnb2 = dalloc<floatX>((size_t)BT * C), *Hfa = dalloc<floatX>(nh), *Hfb = dalloc<floatX>(nh);
+        size_t nfrag = (size_t)nC / 16 * (MM / 8) * 32;
+        uint2 *phif = dalloc<uint2>(nfrag);
+        phi_frag_kernel<<<dim3(ceil_div(nfrag, 256), 1), 256>>>(phif, phi, nC, MM);
+        auto fw1 = [&] {
+            hc_postmix_proj(NN, false, Hfa, p2, rma, NULL, H, y, post, res, phi, BT, C);
+            mhc_coeffs_forward_kernel<NN><<<ceil_div((size_t)BT * sk_group(NN), 128), 128>>>(pra, poa, NULL, rma, za, p2, gbias, galpha, BT, NN,
+                                                                                           20, 1);
+            hc_premix_ln_kernel<NN><<<ceil_div(BT, 8), 256>>>(NULL, lna, lma, lra, Hfa, pra, lnw, lnb, BT, C);
+        };
+        fw1();
+        double pm = BT * (MM * 4.0 * 2 + 4 + 2 * NN * 4);   // p written and read, rms, pre, post (z: MM * 4)
+        row("fwd boundary 1: post-mix+proj, gates, pre-mix+LN", median_ms(fw1), 3 * hb + 2 * xb + pm + BT * (MM * 4.0 + 8));
+        if (fb_fits(NN, C)) {
+            FbArgs g = {Hfb, H, y, post, res, phif, prb, pob, NULL, zb2, rmb, NULL, gbias, galpha, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                        NULL, lnb2, lmb, lrb, lnw, lnb, BT, C};
+            auto fw2 = [&] { hc_fwd_boundary(NN, false, g); };
+            cudaCheck(cudaMemset(Hfb, 0xff, nh * sizeof(floatX)));   // NaN: an unwritten output fails
+            cudaCheck(cudaMemset(lnb2, 0xff, (size_t)BT * C * sizeof(floatX)));
+            fw2();
+            kernelCheck();
+            bool same = same_bits(Hfa, Hfb, nh * sizeof(floatX));
+            double ec = fmax(fmax(rel_err(prb, pra, (size_t)BT * NN), rel_err(pob, poa, (size_t)BT * NN)),
+                             fmax(rel_err(zb2, za, (size_t)BT * MM), rel_err(rmb, rma, (size_t)BT)));
+            double el = fmax(rel_err(lnb2, lna, (size_t)BT * C), fmax(rel_err(lmb, lma, (size_t)BT), rel_err(lrb, lra, (size_t)BT)));
+            printf("check: whole-row forward boundary: H' %s, pre/post/z/rms rel err <= %.1e, ln/mean/rstd <= %.1e -> %s\n",
+                   same ? "bit-identical" : "DIFFERENT", ec, el, verdict(same && ec < 1e-5 && el < 1e-2));
+            row("fwd boundary 2: one kernel, H' kept on chip", median_ms(fw2), 2 * hb + 2 * xb + BT * (MM * 4.0 + 4 + 2 * NN * 4 + 8));
+        } else {
+            printf("fwd boundary 2: two blocks of %d tokens do not fit on an SM at C=%d (the trainer keeps the kernels apart)\n", FB_TOK, C);
+        }
+    }
     // backward boundary fusion: the dH pass of sublayer k and the post-mix backward of sublayer k - 1
     floatX *Hm = rand_dev(nh, 1.0f, &rng), *dHk = dalloc<floatX>(nh), *dHm1 = dalloc<floatX>(nh), *dHm2 = dalloc<floatX>(nh);
     floatX *dy2 = dalloc<floatX>((size_t)BT * C);
