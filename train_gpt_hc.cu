@@ -4417,15 +4417,21 @@ void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int
                 if (fbt) {   // and the gates, pre-mix and LayerNorm of k + 1 (hc_coeffs_forward then leaves mHC's Sinkhorn-Knopp)
                     ParameterTensors *p = &model->params;
                     size_t o1 = k1 * BT * n, l1 = k1 / 2;
-                    FbArgs g = {Hn, Hk, y, a->post + k * BT * n, a->res + k * BT * n * n, model->phif + k1 * (n * C / 16) * (m / 8) * 32,
-                                a->pre + o1, a->post + o1, a->res + k1 * BT * n * n, a->mhc_z + k1 * BT * m,
-                                dhc ? a->hcn_mean + o1 : a->mhc_rms + k1 * BT, dhc ? a->hcn_rstd + o1 : NULL,
-                                dhc ? NULL : p->mhc_bias + k1 * m, dhc ? NULL : p->mhc_alpha + k1 * 3,
-                                dhc ? a->hc_ta + o1 * (n + 1) : NULL, dhc ? a->hc_tb + o1 : NULL, dhc ? model->dhc_gc + k1 * 2 * (n + 2) : NULL,
-                                dhc ? p->hc_A + k1 * n * (n + 1) : NULL, dhc ? p->hc_b + k1 * n : NULL, dhc ? p->hc_sa + k1 : NULL,
-                                dhc ? p->hc_sb + k1 : NULL,
-                                hc_ln_fused(C) ? NULL : a->u + k1 * BT * C, a->ln + k1 * BT * C, a->ln_mean + k1 * BT, a->ln_rstd + k1 * BT,
-                                px(model, k1 % 2 ? P_LN2W : P_LN1W) + l1 * C, px(model, k1 % 2 ? P_LN2B : P_LN1B) + l1 * C, (int)BT, C};
+                    FbArgs g = {};   // by name: the mhc-only and dhc-only fields stay NULL in the other mode
+                    g.Hout = Hn, g.H = Hk, g.y = y, g.post = a->post + k * BT * n, g.res = a->res + k * BT * n * n;
+                    g.phif = model->phif + k1 * (n * C / 16) * (m / 8) * 32;
+                    g.pre = a->pre + o1, g.post1 = a->post + o1, g.z = a->mhc_z + k1 * BT * m;
+                    if (dhc) {
+                        g.res1 = a->res + k1 * BT * n * n, g.st0 = a->hcn_mean + o1, g.st1 = a->hcn_rstd + o1;
+                        g.ta = a->hc_ta + o1 * (n + 1), g.tb = a->hc_tb + o1, g.gc = model->dhc_gc + k1 * 2 * (n + 2);
+                        g.A = p->hc_A + k1 * n * (n + 1), g.b = p->hc_b + k1 * n, g.sa = p->hc_sa + k1, g.sb = p->hc_sb + k1;
+                    } else {
+                        g.st0 = a->mhc_rms + k1 * BT, g.bias = p->mhc_bias + k1 * m, g.alpha = p->mhc_alpha + k1 * 3;
+                    }
+                    g.u = hc_ln_fused(C) ? NULL : a->u + k1 * BT * C, g.ln = a->ln + k1 * BT * C;
+                    g.ln_mean = a->ln_mean + k1 * BT, g.ln_rstd = a->ln_rstd + k1 * BT;
+                    g.lnw = px(model, k1 % 2 ? P_LN2W : P_LN1W) + l1 * C, g.lnb = px(model, k1 % 2 ? P_LN2B : P_LN1B) + l1 * C;
+                    g.BT = (int)BT, g.C = C;
                     hc_fwd_boundary(n, dhc, g);
                     continue;
                 }

@@ -580,8 +580,9 @@ int main(int argc, char **argv) {
         double pm = BT * (MM * 4.0 * 2 + 4 + 2 * NN * 4);   // p written and read, rms, pre, post (z: MM * 4)
         row("fwd boundary 1: post-mix+proj, gates, pre-mix+LN", median_ms(fw1), 3 * hb + 2 * xb + pm + BT * (MM * 4.0 + 8));
         if (fb_fits(NN, C)) {
-            FbArgs g = {Hfb, H, y, post, res, phif, prb, pob, NULL, zb2, rmb, NULL, gbias, galpha, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-                        NULL, lnb2, lmb, lrb, lnw, lnb, BT, C};
+            FbArgs g = {};   // mhc: the dhc fields stay NULL
+            g.Hout = Hfb, g.H = H, g.y = y, g.post = post, g.res = res, g.phif = phif, g.pre = prb, g.post1 = pob, g.z = zb2, g.st0 = rmb;
+            g.bias = gbias, g.alpha = galpha, g.ln = lnb2, g.ln_mean = lmb, g.ln_rstd = lrb, g.lnw = lnw, g.lnb = lnb, g.BT = BT, g.C = C;
             auto fw2 = [&] { hc_fwd_boundary(NN, false, g); };
             cudaCheck(cudaMemset(Hfb, 0xff, nh * sizeof(floatX)));   // NaN: an unwritten output fails
             cudaCheck(cudaMemset(lnb2, 0xff, (size_t)BT * C * sizeof(floatX)));
