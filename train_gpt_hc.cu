@@ -417,9 +417,11 @@ static void gpt_multi_init(int *world, int *rank, int gpus_per_node, const char 
 // scratch device memory (grown on demand)
 
 // slot 4: the side stream's (see matmul_backward); 5: the backward boundary kernel's parts, which
-// the coefficient stream reduces; 6: the coefficient stream's own (see coef_begin)
-static void *g_dscratch[7];
-static size_t g_dscratch_size[7];
+// the coefficient stream reduces; 6: the coefficient stream's own (see coef_begin); 7: the mHC/dHC
+// backward's per-token rows and dphi sums, which the coefficient stream turns into parameter
+// gradients while the main stream goes on (see hc_coeffs_backward)
+static void *g_dscratch[8];
+static size_t g_dscratch_size[8];
 static void *dscratch(int slot, size_t bytes) {
     if (g_dscratch_size[slot] < bytes) {
         if (g_dscratch[slot]) cudaCheck(cudaFree(g_dscratch[slot]));
@@ -449,7 +451,9 @@ __global__ void colsum_partial_kernel(float *partial, const T *x, int R, int Cco
 // a fixed order. One thread per column walking all chunks serially took 12-33 us per call (ncu):
 // for the narrow HC rows that was 1 block of 34 threads over 1024 chunks
 #define COLSUM_FY 16
-__global__ void __launch_bounds__(32 * COLSUM_FY) colsum_finish_kernel(float *out, const float *partial, int Ccols, int nchunks) {
+// with out2: columns from split on go to out2[c - split]
+__global__ void __launch_bounds__(32 * COLSUM_FY) colsum_finish_kernel(float *out, const float *partial, int Ccols, int nchunks,
+                                                                       float *out2 = NULL, int split = 0) {
     __shared__ float sm[COLSUM_FY][33];
     int c = blockIdx.x * 32 + threadIdx.x, y = threadIdx.y;
     float s = 0.0f;
@@ -462,7 +466,8 @@ __global__ void __launch_bounds__(32 * COLSUM_FY) colsum_finish_kernel(float *ou
         float t = 0.0f;
 #pragma unroll
         for (int j = 0; j < COLSUM_FY; j++) t += sm[j][threadIdx.x];
-        out[c] += t;
+        if (out2 && c >= split) out2[c - split] += t;
+        else out[c] += t;
     }
 }
 
@@ -743,14 +748,12 @@ __global__ void __launch_bounds__(32 * LN_BWD_WARPS) layernorm_backward_vec_kern
     for (int i = threadIdx.x; i < 2 * C; i += blockDim.x) partial[(size_t)blockIdx.x * 2 * C + i] = ln_acc[i];
 }
 
-// dw[c] += sum over blocks of partial[.][c], db likewise, in block order
-__global__ void layernorm_param_finish_kernel(float *dw, float *db, const float *partial, int C, int nblocks) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= 2 * C) return;
-    float s = 0.0f;
-    for (int k = 0; k < nblocks; k++) s += partial[(size_t)k * 2 * C + i];
-    if (i < C) dw[i] += s;
-    else db[i - C] += s;
+// dw[c] += sum over blocks of partial[.][c], db likewise (partial's columns C..2C): colsum_finish_kernel's
+// fixed order. One thread per column walking the 256 blocks serially took 12 us per call (ncu: 6
+// blocks on a 132-SM GPU), on the backward's critical path once per sublayer
+static void layernorm_param_finish(float *dw, float *db, const float *partial, int C, int nblocks) {
+    colsum_finish_kernel<<<ceil_div(2 * C, 32), dim3(32, COLSUM_FY)>>>(dw, partial, 2 * C, nblocks, db, C);
+    kernelCheck();
 }
 
 // launch KERNEL<n>, n = 1..8 (the expansion rate, or the LayerNorm's 16-byte vectors per lane), with
@@ -805,7 +808,7 @@ static void layernorm_backward(floatX *dinp, float *dw, float *db, const floatX 
         LN_DISPATCH(nv, layernorm_backward_vec_kernel, nblocks, 32 * LN_BWD_WARPS, 2 * C * sizeof(float), dinp, partial, dout, inp, w, mean,
                     rstd, N, C, dres, write);
         kernelCheck();
-        layernorm_param_finish_kernel<<<ceil_div(2 * C, 256), 256>>>(dw, db, partial, C, nblocks);
+        layernorm_param_finish(dw, db, partial, C, nblocks);
     } else {
         if (dres) cudaCheck(cudaMemcpy(dinp, dres, (size_t)N * C * sizeof(floatX), cudaMemcpyDeviceToDevice));
         else if (write) cudaCheck(cudaMemset(dinp, 0, (size_t)N * C * sizeof(floatX)));
@@ -2120,7 +2123,7 @@ __global__ void hc_premix_backward_kernel(floatX *dH, float *dpre, const floatX 
 // bf16 values), du is layernorm_backward_vec_kernel's (write mode), dpre_i = du . H_i
 // hc_premix_backward_kernel's, and with dH also dH += pre_i du. dw, db: each warp sums its rows in
 // shared memory in the order it meets them, then the warps are added in order into
-// partial[block][2C]: the LayerNorm backward's sums, bit for bit (layernorm_param_finish_kernel
+// partial[block][2C]: the LayerNorm backward's sums, bit for bit (layernorm_param_finish
 // adds the blocks). H's row is read twice, the second time right after the first (from cache).
 #define LP_NV 4   // 16-byte chunks a lane holds at most: C <= 32 LP_NV X128 (1024 in bf16; wider rows store u)
 template <int N>
@@ -2225,7 +2228,7 @@ static void hc_ln_premix_backward(int n, floatX *du, float *dpre, floatX *dH, fl
     }
     DISPATCH_N_SMEM(n, hc_ln_premix_backward_kernel, nblocks, 32 * LN_BWD_WARPS, smem, du, dpre, partial, dH, dout, H, pre, w, mean, rstd,
                     BT, C);
-    layernorm_param_finish_kernel<<<ceil_div(2 * C, 256), 256>>>(dw, db, partial, C, nblocks);
+    layernorm_param_finish(dw, db, partial, C, nblocks);
     kernelCheck();
 }
 
@@ -3643,10 +3646,9 @@ static void hc_boundary_launch(floatX *dH, float *dphi, int accumulate, const fl
     hc_boundary_backward_kernel<N, DHC><<<dim3(G, ranges), 128, S::SMEM>>>(pv->dH, pv->dy, part, Mpart, dH, dp, kx, k0, phi, du, pre,
                                                                            pv->H, pv->y, pv->post, pv->res, BT, C, tpg);
     kernelCheck();
-    // the reduces on the coefficient stream, but dHC's dphi sums, which its parameter gradients read
-    // on the main stream right away (mHC's are the gradient itself)
+    // the reduces on the coefficient stream (dHC's parameter gradients read its dphi sums there too)
     cudaStream_t s = coef_begin();
-    mhc_dphi_reduce_kernel<<<ceil_div(count, 256), 256, 0, DHC ? 0 : s>>>(dphi, Mpart, (int)gm, count, accumulate);
+    mhc_dphi_reduce_kernel<<<ceil_div(count, 256), 256, 0, s>>>(dphi, Mpart, (int)gm, count, accumulate);
     kernelCheck();
     hc_dpost_reduce_kernel<<<ceil_div((size_t)BT * S::NP, 256), 256, 0, s>>>(pv->dpost, pv->dres, part, BT, N, ranges);
     kernelCheck();
@@ -4252,25 +4254,30 @@ static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *H
     if (c->mode == MODE_DHC && hc_tensor_cores(C, m)) {
         int nC = n * C, ng = n + 2, w = n * n1 + n + 2;
         float *kx = (float *)dscratch(0, (size_t)2 * BT * n * sizeof(float)), *k0 = kx + (size_t)BT * n;
-        float *rows = (float *)dscratch(2, (size_t)BT * (w + 2 * ng) * sizeof(float) + (size_t)BT * m * sizeof(floatX) + 256);
-        floatX *dpx = (floatX *)(rows + (size_t)BT * (w + 2 * ng));
+        // slot 7: [rows | dp | M = H^T dp | sums]; rows, M and sums are read on the coefficient stream
+        size_t nrows = (size_t)BT * (w + 2 * ng), npx = ((size_t)BT * m * sizeof(floatX) + 255) / 256 * 256 / sizeof(float);
+        float *rows = (float *)dscratch(7, (nrows + npx + (size_t)nC * m + w + 2 * ng) * sizeof(float));
+        floatX *dpx = (floatX *)(rows + nrows);
+        float *M = rows + nrows + npx, *sums = M + (size_t)nC * m;
         const float *gc = model->dhc_gc + (size_t)k * 2 * ng;
         DISPATCH_N(n, dhc_coeffs_backward_proj_kernel, ceil_div((size_t)BT * sk_group(n), 128), 128, dpx, kx, k0, rows, dpre, dpost, dres, a->hcn_mean + o1,
                    a->hcn_rstd + o1, a->hc_ta + o1 * n1, a->hc_tb + o1, a->mhc_z + (size_t)k * BT * m, gc, p->hc_sa + k, p->hc_sb + k, BT, C);
         // one pass: dH += pre_i du + dp @ phi^T + kx H + k0, and M = H^T dp, whose diagonal blocks give
         // the per-channel parameter gradients
-        float *M = (float *)dscratch(1, (size_t)nC * m * sizeof(float) + (size_t)(w + 2 * ng) * sizeof(float) + 64);
-        float *sums = M + (size_t)nC * m;
         if (pv) hc_boundary<true>(n, dHk, M, 0, dpx, kx, k0, model->dhc_phi + (size_t)k * nC * m, du, a->pre + o1, pv, BT, C);
         else mhc_dh<true>(n, dHk, M, 0, Hk, dpx, kx, k0, model->dhc_phi + (size_t)k * nC * m, du, a->pre + o1, BT, C);
-        cudaCheck(cudaMemset(sums, 0, (w + 2 * ng) * sizeof(float)));
-        colsum(sums, rows, BT, w + 2 * ng);
-        hc_small_grads_scatter_kernel<<<1, 128>>>(g->hc_A + (size_t)k * n * n1, g->hc_b + (size_t)k * n, g->hc_sa + k, g->hc_sb + k, sums, n);
+        // the parameter gradients sit on no dependency chain of the backward: coefficient stream
+        // (joined before the next sublayer's coefficient backward rewrites slot 7)
+        cudaStream_t s = coef_begin();
+        cudaCheck(cudaMemsetAsync(sums, 0, (w + 2 * ng) * sizeof(float), s));
+        colsum(sums, rows, BT, w + 2 * ng, s, 6);
+        hc_small_grads_scatter_kernel<<<1, 128, 0, s>>>(g->hc_A + (size_t)k * n * n1, g->hc_b + (size_t)k * n, g->hc_sa + k, g->hc_sb + k, sums, n);
         kernelCheck();
-        dhc_param_proj_kernel<<<ceil_div(C, 128), 128>>>(g->hc_Wa + (size_t)k * C * n1, g->hc_Wb + (size_t)k * C, g->hc_lnw + (size_t)k * C,
-                                                         g->hc_lnb + (size_t)k * C, M, sums + w, p->hc_lnw + (size_t)k * C, p->hc_lnb + (size_t)k * C,
-                                                         p->hc_Wa + (size_t)k * C * n1, p->hc_Wb + (size_t)k * C, n, C);
+        dhc_param_proj_kernel<<<ceil_div(C, 128), 128, 0, s>>>(g->hc_Wa + (size_t)k * C * n1, g->hc_Wb + (size_t)k * C, g->hc_lnw + (size_t)k * C,
+                                                               g->hc_lnb + (size_t)k * C, M, sums + w, p->hc_lnw + (size_t)k * C,
+                                                               p->hc_lnb + (size_t)k * C, p->hc_Wa + (size_t)k * C * n1, p->hc_Wb + (size_t)k * C, n, C);
         kernelCheck();
+        coef_end();
         return;
     }
 #endif
@@ -4309,8 +4316,11 @@ static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *H
     } else {
         int nC = n * C;
         float *kx = (float *)dscratch(1, (size_t)BT * sizeof(float));
-        float *rows = (float *)dscratch(2, (size_t)BT * (m + 3) * sizeof(float) + (size_t)BT * m * sizeof(floatX) + 256);
-        floatX *dpx = (floatX *)(rows + (size_t)BT * (m + 3));
+        // slot 7: [rows | dp | sums]; rows and sums are read on the coefficient stream
+        size_t nrows = (size_t)BT * (m + 3), npx = ((size_t)BT * m * sizeof(floatX) + 255) / 256 * 256 / sizeof(float);
+        float *rows = (float *)dscratch(7, (nrows + npx + m + 3) * sizeof(float));
+        floatX *dpx = (floatX *)(rows + nrows);
+        float *sums = rows + nrows + npx;
         // the Sinkhorn backward ran on the coefficient stream (hc_sinkhorn_backward): dres holds its g
         DISPATCH_N(n, mhc_coeffs_backward_kernel, ceil_div((size_t)BT * sk_group(n), 128), 128, dpx, kx, rows, dpre, dpost, ga->res,
                    a->pre + o1, a->post + o1, a->mhc_rms + (size_t)k * BT, a->mhc_z + (size_t)k * BT * m, p->mhc_bias + (size_t)k * m,
@@ -4332,11 +4342,14 @@ static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *H
             mhc_rms_backward_kernel<<<dim3(BT, ceil_div(nC / X128, 128)), 128>>>(dHk, Hk, kx, nC);
             kernelCheck();
         }
-        float *sums = (float *)dscratch(0, (size_t)(m + 3) * sizeof(float) + 64);
-        cudaCheck(cudaMemset(sums, 0, (m + 3) * sizeof(float)));
-        colsum(sums, rows, BT, m + 3);
-        mhc_small_scatter_kernel<<<1, 128>>>(g->mhc_bias + (size_t)k * m, g->mhc_alpha + k * 3, sums, m);
+        // bias and alpha gradients: off the dependency chain, on the coefficient stream (joined
+        // before the next sublayer's coefficient backward rewrites slot 7)
+        cudaStream_t s = coef_begin();
+        cudaCheck(cudaMemsetAsync(sums, 0, (m + 3) * sizeof(float), s));
+        colsum(sums, rows, BT, m + 3, s, 6);
+        mhc_small_scatter_kernel<<<1, 128, 0, s>>>(g->mhc_bias + (size_t)k * m, g->mhc_alpha + k * 3, sums, m);
         kernelCheck();
+        coef_end();
     }
 }
 
