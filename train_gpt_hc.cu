@@ -1220,6 +1220,10 @@ __device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)_
 __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0));
 }
+// 4 bytes (valid: else zero-filled), for per-token scalars without 16-byte alignment
+__device__ __forceinline__ void cp_async4(void *dst, const void *src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0));
+}
 // the first `bytes` (0..16) of 16, the rest zero-filled
 __device__ __forceinline__ void cp_async16_n(void *dst, const void *src, int bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(bytes));
@@ -3273,17 +3277,18 @@ struct DhShape {
 };
 
 // dH tile (in shared memory, rows of MP_LD) += acc + kx H + k0 + pre_i du for this warp's 16 tokens
-// (k0 only for dhc, kx and k0 per (token, stream) row there, per token for mhc)
+// (k0 only for dhc, kx and k0 per (token, stream) row there, per token for mhc). kx, k0, pre start at
+// the tile's first token (in global or shared memory: the same layout); rows from `live` on are past BT
 template <int N, bool DHC>
 __device__ __forceinline__ void dh_tile_epilogue(floatX *dhs, const floatX *hs, const floatX *us, const float (&acc)[8][4],
-                                                 const float *kx, const float *k0, const float *pre, int t0, int BT, int stream,
+                                                 const float *kx, const float *k0, const float *pre, int live, int stream,
                                                  int warp, int lane) {
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         int r = warp * 16 + lane / 4 + 8 * h;
-        bool ok = t0 + r < BT;
-        size_t kr = DHC ? (size_t)(t0 + r) * N + stream : (size_t)(t0 + r);
-        float k = ok ? kx[kr] : 0.0f, kc0 = DHC && ok ? k0[kr] : 0.0f, pr = ok ? pre[(size_t)(t0 + r) * N + stream] : 0.0f;
+        bool ok = r < live;
+        int kr = DHC ? r * N + stream : r;
+        float k = ok ? kx[kr] : 0.0f, kc0 = DHC && ok ? k0[kr] : 0.0f, pr = ok ? pre[r * N + stream] : 0.0f;
 #pragma unroll
         for (int jj = 0; jj < 8; jj++) {
             int col = jj * 8 + 2 * (lane % 4);
@@ -3358,7 +3363,8 @@ __global__ void __launch_bounds__(128) mhc_dh_kernel(floatX *dH, float *Mpart, c
                 mma_bf16(macc[jt], a, bb[0], bb[1]);
             }
         }
-        dh_tile_epilogue<N, DHC>(dhs, hs, us, acc, kx, k0, pre, t0, BT, stream, warp, lane);
+        dh_tile_epilogue<N, DHC>(dhs, hs, us, acc, kx + (size_t)t0 * (DHC ? N : 1), DHC ? k0 + (size_t)t0 * N : NULL, pre + (size_t)t0 * N,
+                                 BT - t0, stream, warp, lane);
         __syncthreads();
         for (int i = threadIdx.x; i < 64 * 8; i += blockDim.x) {   // 16-byte coalesced stores of the tile
             int r = i >> 3, c = (i & 7) * 8;
@@ -3433,9 +3439,10 @@ struct BdShape {
     static constexpr int m = N * N + 2 * N, MT = m / 8, MK = (m + 15) / 16 * 16, KLD = MK + 8, TT = 64 / N, NP = N + N * N;
     static constexpr int TILE = TT * MP_LD;   // one tile: TT tokens x 64 channels (rows padded)
     // a stage: H^{k-1} per stream and y^{k-1} (dense rows, chunks swizzled: see pv_swz), res and
-    // post of sublayer k - 1 (TT NP floats), dH^k per stream, du, dp
-    static constexpr int PREV = (N + 1) * TT * 64, COEF = 2 * TT * NP;
-    static constexpr int STAGE = PREV + COEF + (N + 1) * TILE + TT * KLD;
+    // post of sublayer k - 1 (TT NP floats), kx, k0 and pre of sublayer k (TT N floats each; mHC's kx
+    // TT), dH^k per stream, du, dp
+    static constexpr int PREV = (N + 1) * TT * 64, COEF = 2 * TT * NP, KP = 2 * 3 * TT * N;
+    static constexpr int STAGE = PREV + COEF + KP + (N + 1) * TILE + TT * KLD;
     // + the n phi tiles (dense rows of MK, swizzled) and the H^k tiles formed on chip: 72.5 KB at
     // n = 4, three blocks per SM
     static constexpr int SMEM = (N * 64 * MK + 2 * STAGE + N * TILE) * (int)sizeof(floatX);
@@ -3457,7 +3464,10 @@ __global__ void __launch_bounds__(128, 3) hc_boundary_backward_kernel(floatX *dH
     auto Pv = [&](int b, int j) { return stage0 + b * S::STAGE + j * TT * 64; };
     auto cres = [&](int b) { return reinterpret_cast<float *>(stage0 + b * S::STAGE + S::PREV); };
     auto cpost = [&](int b) { return cres(b) + TT * N * N; };
-    auto Dh = [&](int b, int i) { return stage0 + b * S::STAGE + S::PREV + S::COEF + i * S::TILE; };
+    auto ckx = [&](int b) { return cres(b) + TT * NP; };
+    auto ck0 = [&](int b) { return ckx(b) + TT * N; };
+    auto cpre = [&](int b) { return ck0(b) + TT * N; };
+    auto Dh = [&](int b, int i) { return stage0 + b * S::STAGE + S::PREV + S::COEF + S::KP + i * S::TILE; };
     auto Ds = [&](int b) { return Dh(b, N + 1); };
     auto Hk = [&](int i) { return stage0 + 2 * S::STAGE + i * S::TILE; };   // H^k, formed per tile
     // the 16-byte chunks of row r of H^{k-1}_j (j = N: y) sit XOR-swizzled, so that the 8 rows of one
@@ -3471,23 +3481,50 @@ __global__ void __launch_bounds__(128, 3) hc_boundary_backward_kernel(floatX *dH
     }
     if (MK > m)   // zero k-padding of the dp tiles (cp.async never writes it)
         for (int r = threadIdx.x; r < 2 * TT; r += blockDim.x) *reinterpret_cast<int4 *>(Ds(r / TT) + (r % TT) * KLD + m) = make_int4(0, 0, 0, 0);
+    // The tile's rows of H^{k-1} and dH^k: (token r, stream i) is row R = r N + i of 64 channels at
+    // Hm / dH + (t0 N + R) C + c0 (a token's rows adjacent). With 128 threads, thread x takes rows
+    // R0 + 16 q (R0 = x / 8, q < 4) at chunk x % 8: its stream R0 % N and swizzle R0 & 7 stay fixed,
+    // so every address is a per-thread constant plus q strides (the generic index arithmetic was a
+    // fifth of the kernel's instructions: ncu source counters)
+    constexpr int RQ = 16 / N;   // tokens per step of q
+    const int R0 = threadIdx.x / 8, cc = threadIdx.x % 8, r0 = R0 / N;
+    const size_t roff = (size_t)R0 * C + c0 + cc * 8;
+    const int hoff = r0 * 64 + (cc ^ (R0 & 7)) * 8, doff = r0 * MP_LD + cc * 8;
     auto load = [&](int b, int j) {
         int t0 = (tile0 + j) * TT, live = BT - t0;
-        for (int e = threadIdx.x; e < (N + 1) * TT * 8; e += blockDim.x) {
-            int i = e / (TT * 8), r = (e / 8) % TT, c = (e % 8) * 8;
-            bool ok = r < live;
-            const floatX *src = i < N ? Hm + ((size_t)(t0 + r) * N + i) * C + c0 + c : ym + (size_t)(t0 + r) * C + c0 + c;
-            cp_async16(Pv(b, i) + r * 64 + pv_swz(c / 8, r, i) * 8, ok ? src : ym, ok);
+        const floatX *hsrc = Hm + (size_t)t0 * nC + roff, *dsrc = dH + (size_t)t0 * nC + roff;
+        floatX *hdst = Pv(b, R0 % N) + hoff, *ddst = Dh(b, R0 % N) + doff;
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            bool ok = r0 + q * RQ < live;
+            cp_async16(hdst + q * RQ * 64, ok ? hsrc + (size_t)q * 16 * C : ym, ok);
+            cp_async16(ddst + q * RQ * MP_LD, ok ? dsrc + (size_t)q * 16 * C : ym, ok);
         }
+#pragma unroll
+        for (int q = 0; q < TT / 16; q++) {   // y^{k-1} and du: TT token rows
+            int r = R0 + 16 * q;
+            bool ok = r < live;
+            size_t o = (size_t)(t0 + r) * C + c0 + cc * 8;
+            cp_async16(Pv(b, N) + r * 64 + pv_swz(cc, r, N) * 8, ok ? ym + o : ym, ok);
+            cp_async16(Dh(b, N) + r * MP_LD + cc * 8, ok ? du + o : ym, ok);
+        }
+        for (int e = threadIdx.x; e < TT * N; e += blockDim.x) {   // pre (and dHC's kx, k0): per (token, stream)
+            bool ok = e < live * N;
+            size_t o = ok ? (size_t)t0 * N + e : 0;
+            cp_async4(cpre(b) + e, pre + o, ok);
+            if (DHC) {
+                cp_async4(ckx(b) + e, kx + o, ok);
+                cp_async4(ck0(b) + e, k0 + o, ok);
+            }
+        }
+        if (!DHC)   // mHC's kx: per token
+            for (int e = threadIdx.x; e < TT; e += blockDim.x) cp_async4(ckx(b) + e, kx + (e < live ? t0 + e : 0), e < live);
         for (int q = threadIdx.x; q < TT * NP / 4; q += blockDim.x) {   // res rows, then post, in 16-byte pieces
             int f = q * 4, res = f < TT * N * N, g = res ? f : f - TT * N * N, per = res ? N * N : N;
             int bytes = max(0, min(4, live * per - g)) * 4;
             const float *src = res ? resm + (size_t)t0 * N * N + g : postm + (size_t)t0 * N + g;
             cp_async16_n((res ? cres(b) : cpost(b)) + g, bytes > 0 ? src : postm, bytes);
         }
-#pragma unroll
-        for (int i = 0; i < N; i++) fa_load_tile<TT>(Dh(b, i), dH + (size_t)t0 * nC + (size_t)i * C + c0, live, nC);
-        fa_load_tile<TT>(Dh(b, N), du + (size_t)t0 * C + c0, live, C);
         for (int i = threadIdx.x; i < TT * MT; i += blockDim.x) {
             int r = i / MT, q = (i % MT) * 8;
             bool ok = t0 + r < BT;
@@ -3534,7 +3571,8 @@ __global__ void __launch_bounds__(128, 3) hc_boundary_backward_kernel(floatX *dH
 #pragma unroll
             for (int jt = 0; jt < MT; jt++) mma_bf16(macc[ct][jt], a, bb[jt][0], bb[jt][1]);
         }
-        dh_tile_epilogue<N, DHC>(Dh(b, s) + rw * MP_LD, hs + rw * MP_LD, Dh(b, N) + rw * MP_LD, acc, kx, k0, pre, t0 + rw, BT, s, 0, lane);
+        dh_tile_epilogue<N, DHC>(Dh(b, s) + rw * MP_LD, hs + rw * MP_LD, Dh(b, N) + rw * MP_LD, acc, ckx(b) + rw * (DHC ? N : 1),
+                                 ck0(b) + rw * N, cpre(b) + rw * N, BT - t0 - rw, s, 0, lane);
         __syncthreads();   // the finished dH^k tiles
         // sublayer k - 1's post-mix backward on them: dy and res^T dH^k with 8 channels of one token
         // per thread and step (the post-mix backward kernel's arithmetic: the same values)

@@ -146,7 +146,8 @@ __global__ void __launch_bounds__(128, 3) hc_boundary_v2_kernel(floatX *dHm, flo
 #pragma unroll
             for (int jt = 0; jt < MT; jt++) mma_bf16(macc[ct][jt], a, bb[jt][0], bb[jt][1]);
         }
-        dh_tile_epilogue<N, DHC>(T_(b, N + s) + rw * MP_LD, hs + rw * MP_LD, T_(b, 2 * N) + rw * MP_LD, acc, kx, k0, pre, t0 + rw, BT, s, 0, lane);
+        dh_tile_epilogue<N, DHC>(T_(b, N + s) + rw * MP_LD, hs + rw * MP_LD, T_(b, 2 * N) + rw * MP_LD, acc, kx + (size_t)(t0 + rw) * (DHC ? N : 1),
+                                 DHC ? k0 + (size_t)(t0 + rw) * N : NULL, pre + (size_t)(t0 + rw) * N, BT - t0 - rw, s, 0, lane);
         cp_async_wait<1>();   // tile j's H^{k-1} and y^{k-1}
         __syncthreads();   // and the finished dH^k tiles
         // sublayer k - 1's post-mix backward on them: dy and res^T dH^k with 8 channels of one token
@@ -304,7 +305,8 @@ __global__ void __launch_bounds__(128) mhc_proj_backward_kernel(floatX *dH, cons
         cp_async_wait<0>();
         __syncthreads();
     }
-    dh_tile_epilogue<N, DHC>(dHs, Hs, Us, acc, kx, k0, pre, t0, BT, stream, warp, lane);
+    dh_tile_epilogue<N, DHC>(dHs, Hs, Us, acc, kx + (size_t)t0 * (DHC ? N : 1), DHC ? k0 + (size_t)t0 * N : NULL, pre + (size_t)t0 * N,
+                             BT - t0, stream, warp, lane);
     __syncthreads();
     for (int i = threadIdx.x; i < 64 * 8; i += blockDim.x) {   // 16-byte coalesced stores of the tile
         int r = i >> 3, c = (i & 7) * 8;
