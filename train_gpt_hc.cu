@@ -3069,20 +3069,25 @@ __global__ void __launch_bounds__(32 * FB_WARPS, 2) hc_fwd_boundary_kernel(const
     float *pre_s = coef + TB * NC;           // [TB][N]
     float *st = pre_s + TB * N;              // [TB][N][2]: sum, sum of squares of H^{k+1}_i
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t0 = blockIdx.x * TB;
-    {   // 1. the post-mix. Every H^k row of the block is requested at once (cp.async into the rows, zeros
-        // past BT) and y into registers, so one wait covers all of the block's reads; then in place,
+    {   // 1. the post-mix. Every H^k row of the block and its res/post are requested at once (cp.async,
+        // zeros past BT) and y into registers, so one wait covers all of the block's reads (res/post were
+        // plain loads waited on before y was requested: a tenth of the stall samples); then in place,
         // TPT consecutive threads per token, each a chunk of every stream at a time
-        int nc8 = nC / X128;
-        for (int e = threadIdx.x; e < TB * nc8; e += blockDim.x) {
-            int r = e / nc8, c = (e % nc8) * X128;
+        for (int e = threadIdx.x; e < TB * NC; e += blockDim.x) {   // res and post of sublayer k
+            int r = e / NC, q = e % NC;
             bool in = t0 + r < BT;
-            cp_async16(rows + (size_t)r * RLD + c, in ? g.H + (size_t)(t0 + r) * nC + c : g.H, in);
+            cp_async4(coef + e, !in ? g.post : q < N * N ? g.res + (size_t)(t0 + r) * N * N + q : g.post + (size_t)(t0 + r) * N + q - N * N, in);
+        }
+        {   // chunk e = r8 nc8 + c8 of the block's rows (contiguous in H), (r8, c8) stepped rather than divided
+            const int nc8 = nC / X128;
+            const floatX *src = g.H + (size_t)t0 * nC;
+            for (int e = threadIdx.x, r8 = e / nc8, c8 = e % nc8; e < TB * nc8; e += blockDim.x) {
+                bool in = t0 + r8 < BT;
+                cp_async16(rows + (size_t)r8 * RLD + c8 * X128, in ? src + (size_t)e * X128 : g.H, in);
+                for (c8 += blockDim.x; c8 >= nc8; c8 -= nc8) r8++;
+            }
         }
         cp_async_commit();
-        for (int e = threadIdx.x; e < TB * NC; e += blockDim.x) {
-            int r = e / NC, q = e % NC, t = t0 + r;
-            coef[e] = t >= BT ? 0.0f : q < N * N ? g.res[(size_t)t * N * N + q] : g.post[(size_t)t * N + q - N * N];
-        }
         int r = threadIdx.x / TPT, sub = threadIdx.x % TPT, t = t0 + r, C8 = C / X128;
         bool ok = t < BT;
         x128 yv[YV];
