@@ -9,7 +9,8 @@ Every reduction is done in a fixed order without atomics, so runs are determinis
 
 Matmuls run through cuBLASLt with the bias, GELU and GELU-gradient fused into the epilogues; the
 backward's weight gradients run on a side stream beside the memory-bound kernels, mHC's
-Sinkhorn-Knopp iterations (forward and backward) on a third beside the GEMMs. Attention in
+Sinkhorn-Knopp iterations (forward and backward) and the HC parameter gradients' column sums on a
+third beside the GEMMs. Attention in
 BF16 (head size 64) is cuDNN's fused SDPA (built with the backend graph API, deterministic
 backward), with our FlashAttention-2 kernels on mma.sync as the fallback; elsewhere cuBLAS batched
 matmuls around a masked softmax (llm.c's non-cuDNN path). The HC mixing kernels are templated on n
