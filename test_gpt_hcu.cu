@@ -637,13 +637,19 @@ int main(int argc, char **argv) {
     test_fused_paths(MODE_DHC, 4, 256, 2, 100);
     test_fused_paths(MODE_DHC, 4, 128, 2, 600);   // BT = 1200: several token tiles per block
     test_fused_paths(MODE_MHC, 4, 128, 1, 200);
-    // (B, T, heads) the tests above use: cuDNN's plans are cached per shape
+    // an odd token count: per-sublayer slices of n floats a token (post, pre) start off 16-byte
+    // boundaries, and the dp rows after BT (m + 3) floats of per-token rows did (a misaligned
+    // 16-byte read in the boundary kernel, fixed in session 11)
+    test_fused_paths(MODE_MHC, 2, 128, 1, 203);
+    test_fused_paths(MODE_DHC, 4, 128, 1, 203);
+    // (B, T, heads) the tests above use: cuDNN's plans are cached per shape (64 at most)
     test_fwd_boundary(MODE_MHC, 4, 128, 1, 200);   // a ragged last block (BT % 16 != 0)
     test_fwd_boundary(MODE_MHC, 4, 256, 2, 100);
     test_fwd_boundary(MODE_MHC, 2, 128, 1, 200);
     test_fwd_boundary(MODE_DHC, 4, 128, 1, 200);
     test_fwd_boundary(MODE_DHC, 2, 256, 2, 100);
     test_fwd_boundary(MODE_DHC, 4, 768, 1, 200);   // d12's width: every chunk of y a thread holds
+    test_fwd_boundary(MODE_MHC, 4, 128, 1, 203);   // an odd token count (see above)
 #endif
     test_sinkhorn_storage();
     test_ln_premix_backward<4>(3000, 32 * 3 * X128);   // ragged: 3000 rows over 94 blocks of 8 warps; 3 chunks a lane (768 in bf16)

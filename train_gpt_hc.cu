@@ -1877,9 +1877,10 @@ static cudnnBackendDescriptor_t cudnn_sdpa_plan(int B, int T, int NH, int bwd, i
     return plan;   // on success the graph's descriptors stay alive with the plan (a handful per shape)
 }
 
-// plans by shape (training, validation and sampling use up to a few shapes)
+// plans by shape (training, validation and sampling use up to a few shapes; the tests a dozen)
+#define SDPA_MAX_PLANS 64
 typedef struct { int B, T, NH, bwd; cudnnBackendDescriptor_t plan; int64_t ws; } SdpaPlan;
-static SdpaPlan g_sdpa_plans[16];
+static SdpaPlan g_sdpa_plans[SDPA_MAX_PLANS];
 static int g_sdpa_nplans;
 static cudnnBackendDescriptor_t sdpa_plan_for(int B, int T, int NH, int bwd, char *why, size_t why_len) {
     for (int i = 0; i < g_sdpa_nplans; i++) {
@@ -1890,7 +1891,7 @@ static cudnnBackendDescriptor_t sdpa_plan_for(int B, int T, int NH, int bwd, cha
         cudnnStatus_t s = cudnnCreate(&g_cudnn);
         if (s != CUDNN_STATUS_SUCCESS) { snprintf(why, why_len, "cudnnCreate: %s", cudnnGetErrorString(s)); g_cudnn = NULL; return NULL; }
     }
-    if (g_sdpa_nplans == 16) die("cuDNN attention: more than 16 (B, T) shapes in one run");
+    if (g_sdpa_nplans == SDPA_MAX_PLANS) die("cuDNN attention: more than %d (B, T, heads, direction) plans in one run", SDPA_MAX_PLANS);
     int64_t ws = 0;
     cudnnBackendDescriptor_t plan = cudnn_sdpa_plan(B, T, NH, bwd, &ws, why, why_len);
     if (!plan) return NULL;
@@ -3514,9 +3515,10 @@ __global__ void __launch_bounds__(128, 3) hc_boundary_backward_kernel(floatX *dH
             cp_async16(Pv(b, N) + r * 64 + pv_swz(cc, r, N) * 8, ok ? ym + o : ym, ok);
             cp_async16(Dh(b, N) + r * MP_LD + cc * 8, ok ? du + o : ym, ok);
         }
-        for (int e = threadIdx.x; e < TT * N; e += blockDim.x) {   // pre (and dHC's kx, k0): per (token, stream)
-            bool ok = e < live * N;
+        for (int e = threadIdx.x; e < TT * N; e += blockDim.x) {   // post, pre (and dHC's kx, k0): per (token, stream),
+            bool ok = e < live * N;                                  // n floats a token: not 16-byte aligned at odd BT
             size_t o = ok ? (size_t)t0 * N + e : 0;
+            cp_async4(cpost(b) + e, postm + o, ok);
             cp_async4(cpre(b) + e, pre + o, ok);
             if (DHC) {
                 cp_async4(ckx(b) + e, kx + o, ok);
@@ -3525,11 +3527,9 @@ __global__ void __launch_bounds__(128, 3) hc_boundary_backward_kernel(floatX *dH
         }
         if (!DHC)   // mHC's kx: per token
             for (int e = threadIdx.x; e < TT; e += blockDim.x) cp_async4(ckx(b) + e, kx + (e < live ? t0 + e : 0), e < live);
-        for (int q = threadIdx.x; q < TT * NP / 4; q += blockDim.x) {   // res rows, then post, in 16-byte pieces
-            int f = q * 4, res = f < TT * N * N, g = res ? f : f - TT * N * N, per = res ? N * N : N;
-            int bytes = max(0, min(4, live * per - g)) * 4;
-            const float *src = res ? resm + (size_t)t0 * N * N + g : postm + (size_t)t0 * N + g;
-            cp_async16_n((res ? cres(b) : cpost(b)) + g, bytes > 0 ? src : postm, bytes);
+        for (int q = threadIdx.x; q < TT * N * N / 4; q += blockDim.x) {   // res rows in 16-byte pieces (n^2 floats a token)
+            int g = q * 4, bytes = max(0, min(4, live * N * N - g)) * 4;
+            cp_async16_n(cres(b) + g, bytes > 0 ? resm + (size_t)t0 * N * N + g : resm, bytes);
         }
         for (int i = threadIdx.x; i < TT * MT; i += blockDim.x) {
             int r = i / MT, q = (i % MT) * 8;
@@ -4299,7 +4299,8 @@ static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *H
         int nC = n * C, ng = n + 2, w = n * n1 + n + 2;
         float *kx = (float *)dscratch(0, (size_t)2 * BT * n * sizeof(float)), *k0 = kx + (size_t)BT * n;
         // slot 7: [rows | dp | M = H^T dp | sums]; rows, M and sums are read on the coefficient stream
-        size_t nrows = (size_t)BT * (w + 2 * ng), npx = ((size_t)BT * m * sizeof(floatX) + 255) / 256 * 256 / sizeof(float);
+        // (rows rounded up to 256 bytes: dp is read in 16-byte pieces, and BT (w + 2 ng) need not be a multiple of 4)
+        size_t nrows = ((size_t)BT * (w + 2 * ng) + 63) / 64 * 64, npx = ((size_t)BT * m * sizeof(floatX) + 255) / 256 * 256 / sizeof(float);
         float *rows = (float *)dscratch(7, (nrows + npx + (size_t)nC * m + w + 2 * ng) * sizeof(float));
         floatX *dpx = (floatX *)(rows + nrows);
         float *M = rows + nrows + npx, *sums = M + (size_t)nC * m;
@@ -4361,7 +4362,8 @@ static void hc_coeffs_backward(GPTHC *model, int k, floatX *dHk, const floatX *H
         int nC = n * C;
         float *kx = (float *)dscratch(1, (size_t)BT * sizeof(float));
         // slot 7: [rows | dp | sums]; rows and sums are read on the coefficient stream
-        size_t nrows = (size_t)BT * (m + 3), npx = ((size_t)BT * m * sizeof(floatX) + 255) / 256 * 256 / sizeof(float);
+        // (rows rounded up to 256 bytes: dp is read in 16-byte pieces, and BT (m + 3) need not be a multiple of 4)
+        size_t nrows = ((size_t)BT * (m + 3) + 63) / 64 * 64, npx = ((size_t)BT * m * sizeof(floatX) + 255) / 256 * 256 / sizeof(float);
         float *rows = (float *)dscratch(7, (nrows + npx + m + 3) * sizeof(float));
         floatX *dpx = (floatX *)(rows + nrows);
         float *sums = rows + nrows + npx;
