@@ -3441,6 +3441,64 @@ static void mhc_dh(int n, floatX *dH, float *dphi, int accumulate, const floatX 
 // 16 tokens) for the products) with two cp.async stages of all it reads, three blocks per SM.
 // Versions 1 (mhc_dh + hc_postmix_backward_kernel) and 2 (H^k read) are in dev/cuda/bench_hc.cu.
 // n = 2, 4 (shared memory).
+// The backward boundary kernel's pieces that bench_hc's version 2 shares (the same bits by
+// construction). The 16-byte chunks of row r of H^{k-1}_j (j = N: y^{k-1}) in a dense 64-channel tile
+// sit XOR-swizzled, so that the 8 rows of one ldmatrix ((token, stream) pairs, or tokens for y) fall
+// in distinct bank groups.
+template <int N>
+__device__ __forceinline__ int bd_pv_swz(int chunk, int r, int j) { return chunk ^ ((j < N ? r * N + j : r) & 7); }
+// per-token sums over the block's 64 channels, dres_ij = dH^k_i . H^{k-1}_j and dpost_i = dH^k_i . y,
+// into part (range blockIdx.y): warp w takes tokens [w TG, w TG + TG) (TG = 16 / n), A = their dH^k
+// rows (row i TG + l: stream i of token l; stream i's tile at dh0 + i tile_ld, rows of MP_LD), B =
+// their H^{k-1} rows (column l' n + j, two n-tiles) and y rows (column l', one n-tile; the n + 1
+// dense swizzled tiles from pv0, TT x 64 each); only entries with l = l' are kept
+template <int N>
+__device__ __forceinline__ void bd_token_sums(float *part, const floatX *dh0, int tile_ld, const floatX *pv0, int t0, int BT, int warp, int lane) {
+    constexpr int TG = 16 / N, TT = 64 / N, NP = N + N * N;
+    float sc[3][4];
+#pragma unroll
+    for (int nt = 0; nt < 3; nt++) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+    int tb = warp * TG, q8 = lane / 8, ar = (q8 % 2) * 8 + lane % 8;   // this lane's A row for ldmatrix
+    const floatX *arow = dh0 + (ar / TG) * tile_ld + (tb + ar % TG) * MP_LD + (q8 / 2) * 8;
+    int bn = lane % 8, bk = (lane / 8) % 2;   // this lane's B column and k half for ldmatrix (x2)
+#pragma unroll
+    for (int ks = 0; ks < 4; ks++) {
+        uint32_t a[4];
+        ldsm_x4(a, arow + ks * 16);
+#pragma unroll
+        for (int nt = 0; nt < 3; nt++) {
+            int col = nt * 8 + bn, jv = nt < 2 ? col % N : N, rb = tb + (nt < 2 ? col / N : bn % TG);
+            uint32_t bf[2];
+            ldsm_x2(bf, pv0 + jv * TT * 64 + rb * 64 + bd_pv_swz<N>(ks * 2 + bk, rb, jv) * 8);
+            mma_bf16(sc[nt], a, bf[0], bf[1]);
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 3; nt++)
+#pragma unroll
+        for (int v = 0; v < 4; v++) {
+            int row = lane / 4 + 8 * (v / 2), col = nt * 8 + 2 * (lane % 4) + v % 2;
+            int i = row / TG, l = row % TG, l2 = nt < 2 ? col / N : col - 16, t = t0 + tb + l;
+            if (l2 != l || t >= BT) continue;
+            int q = nt < 2 ? N + i * N + col % N : i;
+            part[((size_t)blockIdx.y * BT + t) * NP + q] = sc[nt][v];
+        }
+}
+// this warp's share of H^T dp (stream s, 4 tiles of 16 channels x m): group (blockIdx.x, token half)
+// of Mpart; warps of one stream (n = 2) write separate groups
+template <int N, int m, int MT>
+__device__ __forceinline__ void bd_store_mpart(float *Mpart, const float (&macc)[4][MT][4], int s, int C, int c0, int warp, int lane) {
+    float *mp = Mpart + ((size_t)blockIdx.x * (4 / N) + warp / N) * N * C * m;
+#pragma unroll
+    for (int ct = 0; ct < 4; ct++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            size_t row = (size_t)s * C + c0 + ct * 16 + lane / 4 + 8 * h;
+#pragma unroll
+            for (int jt = 0; jt < MT; jt++)
+                *reinterpret_cast<float2 *>(mp + row * m + jt * 8 + 2 * (lane % 4)) = make_float2(macc[ct][jt][2 * h], macc[ct][jt][2 * h + 1]);
+        }
+}
 template <int N>
 struct BdShape {
     static constexpr int m = N * N + 2 * N, MT = m / 8, MK = (m + 15) / 16 * 16, KLD = MK + 8, TT = 64 / N, NP = N + N * N;
@@ -3477,9 +3535,7 @@ __global__ void __launch_bounds__(128, 3) hc_boundary_backward_kernel(floatX *dH
     auto Dh = [&](int b, int i) { return stage0 + b * S::STAGE + S::PREV + S::COEF + S::KP + i * S::TILE; };
     auto Ds = [&](int b) { return Dh(b, N + 1); };
     auto Hk = [&](int i) { return stage0 + 2 * S::STAGE + i * S::TILE; };   // H^k, formed per tile
-    // the 16-byte chunks of row r of H^{k-1}_j (j = N: y) sit XOR-swizzled, so that the 8 rows of one
-    // ldmatrix below ((token, stream) pairs, or tokens for y) fall in distinct bank groups
-    auto pv_swz = [&](int chunk, int r, int j) { return chunk ^ ((j < N ? r * N + j : r) & 7); };
+    auto pv_swz = [&](int chunk, int r, int j) { return bd_pv_swz<N>(chunk, r, j); };   // (see bd_pv_swz)
     for (int i = threadIdx.x; i < N * 64 * (MK / 8); i += blockDim.x) {   // phi, zero k-padding
         int r = i / (MK / 8), ch = i % (MK / 8);   // r = stream * 64 + channel
         floatX *dst = Ps + r * MK + (ch ^ phi_swz<MK>(r)) * 8;
@@ -3604,55 +3660,11 @@ __global__ void __launch_bounds__(128, 3) hc_boundary_backward_kernel(floatX *dH
 #pragma unroll
             for (int jj = 0; jj < N; jj++) store128(dHm + ((size_t)t * N + jj) * C + c0 + c8, res_t_mix<N>(rr, dv, jj));
         }
-        // and the per-token sums over this block's 64 channels, dres_ij = dH^k_i . H^{k-1}_j and
-        // dpost_i = dH^k_i . y, on tensor cores: warp w takes tokens [w TG, w TG + TG) (TG = 16 / n),
-        // A = their dH^k rows (row i TG + l: stream i of token l), B = their H^{k-1} rows (column
-        // l' n + j, two n-tiles) and y rows (column l', one n-tile); only entries with l = l' are kept
-        {
-            constexpr int TG = 16 / N;
-            float sc[3][4];
-#pragma unroll
-            for (int nt = 0; nt < 3; nt++) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
-            int tb = warp * TG, q8 = lane / 8, ar = (q8 % 2) * 8 + lane % 8;   // this lane's A row for ldmatrix
-            const floatX *arow = Dh(b, ar / TG) + (tb + ar % TG) * MP_LD + (q8 / 2) * 8;
-            int bn = lane % 8, bk = (lane / 8) % 2;   // this lane's B column and k half for ldmatrix (x2)
-#pragma unroll
-            for (int ks = 0; ks < 4; ks++) {
-                uint32_t a[4];
-                ldsm_x4(a, arow + ks * 16);
-#pragma unroll
-                for (int nt = 0; nt < 3; nt++) {
-                    int col = nt * 8 + bn, jv = nt < 2 ? col % N : N, rb = tb + (nt < 2 ? col / N : bn % TG);
-                    uint32_t bf[2];
-                    ldsm_x2(bf, Pv(b, jv) + rb * 64 + pv_swz(ks * 2 + bk, rb, jv) * 8);
-                    mma_bf16(sc[nt], a, bf[0], bf[1]);
-                }
-            }
-#pragma unroll
-            for (int nt = 0; nt < 3; nt++)
-#pragma unroll
-                for (int v = 0; v < 4; v++) {
-                    int row = lane / 4 + 8 * (v / 2), col = nt * 8 + 2 * (lane % 4) + v % 2;
-                    int i = row / TG, l = row % TG, l2 = nt < 2 ? col / N : col - 16, t = t0 + tb + l;
-                    if (l2 != l || t >= BT) continue;
-                    int q = nt < 2 ? N + i * N + col % N : i;
-                    part[((size_t)blockIdx.y * BT + t) * NP + q] = sc[nt][v];
-                }
-        }
+        // and the per-token sums over this block's 64 channels (dres, dpost) on tensor cores
+        bd_token_sums<N>(part, Dh(b, 0), S::TILE, Pv(b, 0), t0, BT, warp, lane);
         __syncthreads();   // buffer b is refilled next iteration
     }
-    // this warp's share of H^T dp: group (blockIdx.x, token half) of Mpart; warps of one stream
-    // (n = 2) write separate groups
-    float *mp = Mpart + ((size_t)blockIdx.x * (4 / N) + warp / N) * nC * m;
-#pragma unroll
-    for (int ct = 0; ct < 4; ct++)
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            size_t row = (size_t)s * C + c0 + ct * 16 + lane / 4 + 8 * h;
-#pragma unroll
-            for (int jt = 0; jt < MT; jt++)
-                *reinterpret_cast<float2 *>(mp + row * m + jt * 8 + 2 * (lane % 4)) = make_float2(macc[ct][jt][2 * h], macc[ct][jt][2 * h + 1]);
-        }
+    bd_store_mpart<N, m, MT>(Mpart, macc, s, C, c0, warp, lane);
 }
 
 // dpost, dres of sublayer k - 1 = the sums of the boundary kernel's per-channel-range parts, in order

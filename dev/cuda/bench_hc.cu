@@ -77,9 +77,7 @@ __global__ void __launch_bounds__(128, 3) hc_boundary_v2_kernel(floatX *dHm, flo
     auto Ds = [&](int b) { return T_(b, 2 * N + 1); };
     auto Pv = [&](int j) { return T_(2, 0) + j * TT * 64; };
     float *cres = reinterpret_cast<float *>(Pv(N + 1)), *cpost = cres + TT * N * N;
-    // the 16-byte chunks of row r of H^{k-1}_j (j = N: y) sit XOR-swizzled, so that the 8 rows of one
-    // ldmatrix below ((token, stream) pairs, or tokens for y) fall in distinct bank groups
-    auto pv_swz = [&](int chunk, int r, int j) { return chunk ^ ((j < N ? r * N + j : r) & 7); };
+    auto pv_swz = [&](int chunk, int r, int j) { return bd_pv_swz<N>(chunk, r, j); };   // (the trainer's swizzle)
     for (int i = threadIdx.x; i < N * 64 * MT; i += blockDim.x) {
         int r = i / MT, q = (i % MT) * 8;   // r = stream * 64 + channel
         cp_async16(Ps + r * KLD + q, phi + ((size_t)(r / 64) * C + c0 + r % 64) * m + q, true);
@@ -174,55 +172,11 @@ __global__ void __launch_bounds__(128, 3) hc_boundary_v2_kernel(floatX *dHm, flo
 #pragma unroll
             for (int jj = 0; jj < N; jj++) store128(dHm + ((size_t)t * N + jj) * C + c0 + c8, res_t_mix<N>(rr, dv, jj));
         }
-        // and the per-token sums over this block's 64 channels, dres_ij = dH^k_i . H^{k-1}_j and
-        // dpost_i = dH^k_i . y, on tensor cores: warp w takes tokens [w TG, w TG + TG) (TG = 16 / n),
-        // A = their dH^k rows (row i TG + l: stream i of token l), B = their H^{k-1} rows (column
-        // l' n + j, two n-tiles) and y rows (column l', one n-tile); only entries with l = l' are kept
-        {
-            constexpr int TG = 16 / N;
-            float sc[3][4];
-#pragma unroll
-            for (int nt = 0; nt < 3; nt++) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
-            int tb = warp * TG, q8 = lane / 8, ar = (q8 % 2) * 8 + lane % 8;   // this lane's A row for ldmatrix
-            const floatX *arow = T_(b, N + ar / TG) + (tb + ar % TG) * MP_LD + (q8 / 2) * 8;
-            int bn = lane % 8, bk = (lane / 8) % 2;   // this lane's B column and k half for ldmatrix (x2)
-#pragma unroll
-            for (int ks = 0; ks < 4; ks++) {
-                uint32_t a[4];
-                ldsm_x4(a, arow + ks * 16);
-#pragma unroll
-                for (int nt = 0; nt < 3; nt++) {
-                    int col = nt * 8 + bn, j = nt < 2 ? col % N : N, rb = tb + (nt < 2 ? col / N : bn % TG);
-                    uint32_t bf[2];
-                    ldsm_x2(bf, Pv(j) + rb * 64 + pv_swz(ks * 2 + bk, rb, j) * 8);
-                    mma_bf16(sc[nt], a, bf[0], bf[1]);
-                }
-            }
-#pragma unroll
-            for (int nt = 0; nt < 3; nt++)
-#pragma unroll
-                for (int v = 0; v < 4; v++) {
-                    int row = lane / 4 + 8 * (v / 2), col = nt * 8 + 2 * (lane % 4) + v % 2;
-                    int i = row / TG, l = row % TG, l2 = nt < 2 ? col / N : col - 16, t = t0 + tb + l;
-                    if (l2 != l || t >= BT) continue;
-                    int q = nt < 2 ? N + i * N + col % N : i;
-                    part[((size_t)blockIdx.y * BT + t) * NP + q] = sc[nt][v];
-                }
-        }
+        // and the per-token sums over this block's 64 channels (dres, dpost): the trainer's
+        bd_token_sums<N>(part, T_(b, N), S::TILE, Pv(0), t0, BT, warp, lane);
         __syncthreads();   // buffer b is refilled next iteration
     }
-    // this warp's share of H^T dp: group (blockIdx.x, token half) of Mpart; warps of one stream
-    // (n = 2) write separate groups
-    float *mp = Mpart + ((size_t)blockIdx.x * (4 / N) + warp / N) * nC * m;
-#pragma unroll
-    for (int ct = 0; ct < 4; ct++)
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            size_t row = (size_t)s * C + c0 + ct * 16 + lane / 4 + 8 * h;
-#pragma unroll
-            for (int jt = 0; jt < MT; jt++)
-                *reinterpret_cast<float2 *>(mp + row * m + jt * 8 + 2 * (lane % 4)) = make_float2(macc[ct][jt][2 * h], macc[ct][jt][2 * h + 1]);
-        }
+    bd_store_mpart<N, m, MT>(Mpart, macc, s, C, c0, warp, lane);
 }
 
 template <int N, bool DHC>
