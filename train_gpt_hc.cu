@@ -517,12 +517,17 @@ static void colsum(float *out, const T *x, int R, int Ccols, cudaStream_t stream
 // ----------------------------------------------------------------------------
 // base transformer kernels
 
-// H^0_i = wte[tok] + wpe[t] for every stream i
+// H^0_i = wte[tok] + wpe[t] for every stream i; one warp per token, 16 bytes a lane (C % X128 == 0)
 __global__ void encoder_forward_kernel(floatX *H, const int *inp, const floatX *wte, const floatX *wpe, int BT, int T, int C, int n) {
-    int bt = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;   // grid (tokens, C blocks): no index division
-    if (c >= C) return;
-    floatX v = tox(tof(wte[(size_t)inp[bt] * C + c]) + tof(wpe[(size_t)(bt % T) * C + c]));
-    for (int i = 0; i < n; i++) H[((size_t)bt * n + i) * C + c] = v;
+    int bt = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (bt >= BT) return;
+    const floatX *we = wte + (size_t)inp[bt] * C, *pe = wpe + (size_t)(bt % T) * C;
+    for (int c = lane * X128; c < C; c += 32 * X128) {
+        x128 a = load128(we + c), b = load128(pe + c), v;
+#pragma unroll
+        for (int e = 0; e < X128; e++) v.v[e] = tox(tof(a.v[e]) + tof(b.v[e]));
+        for (int i = 0; i < n; i++) store128(H + ((size_t)bt * n + i) * C + c, v);
+    }
 }
 
 // dwte[tok] += sum over the token's positions of sum_i dH^0_i. The positions are bucketed by token
@@ -2239,8 +2244,11 @@ static void hc_ln_premix_backward(int n, floatX *du, float *dpre, floatX *dH, fl
 }
 
 // H'_i = sum_j res[i][j] H_j + post[i] y
+// sum: Hout is h = sum_i H'_i [BT, C] instead of H' (the last sublayer: H^K is only summed), added
+// in stream order from the bf16 H'_i: the bits of storing H' and summing its streams
 template <int N>
-__global__ void hc_postmix_forward_kernel(floatX *Hout, const floatX *H, const floatX *y, const float *post, const float *res, int BT, int C) {
+__global__ void hc_postmix_forward_kernel(floatX *Hout, const floatX *H, const floatX *y, const float *post, const float *res, int BT, int C,
+                                          int sum = 0) {
     constexpr int n = N;
     int bt = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (bt >= BT) return;
@@ -2254,6 +2262,20 @@ __global__ void hc_postmix_forward_kernel(floatX *Hout, const floatX *H, const f
         x128 yv = load128(y + (size_t)bt * C + c), hv[n];
 #pragma unroll
         for (int j = 0; j < n; j++) hv[j] = load128(h + (size_t)j * C + c);
+        if (sum) {
+            float acc[X128] = {};
+#pragma unroll
+            for (int i = 0; i < n; i++) {
+                x128 o = postmix_chunk<N>(r, p[i], hv, yv, i);
+#pragma unroll
+                for (int e = 0; e < X128; e++) acc[e] += tof(o.v[e]);
+            }
+            x128 o;
+#pragma unroll
+            for (int e = 0; e < X128; e++) o.v[e] = tox(acc[e]);
+            store128(Hout + (size_t)bt * C + c, o);
+            continue;
+        }
 #pragma unroll
         for (int i = 0; i < n; i++) store128(Hout + ((size_t)bt * n + i) * C + c, postmix_chunk<N>(r, p[i], hv, yv, i));
     }
@@ -2273,14 +2295,17 @@ __device__ __forceinline__ x128 res_t_mix(const float *res, const x128 (&d)[N], 
     return g;
 }
 
-// dH_j += sum_i res[i][j] dH'_i; dy = sum_i post[i] dH'_i (overwritten); dpost, dres written
+// dH_j += sum_i res[i][j] dH'_i; dy = sum_i post[i] dH'_i (overwritten); dpost, dres written.
+// bcast: dHout is one row per token [BT, C], every stream's gradient (the last sublayer, whose
+// output only enters h = sum_i H^K_i): read n times from L1 instead of n copies from memory
 template <int N>
 __global__ void hc_postmix_backward_kernel(floatX *dH, floatX *dy, float *dpost, float *dres, const floatX *dHout, const floatX *H,
-                                           const floatX *y, const float *post, const float *res, int BT, int C) {
+                                           const floatX *y, const float *post, const float *res, int BT, int C, int bcast = 0) {
     constexpr int n = N;
     int bt = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (bt >= BT) return;
-    const floatX *h = H + (size_t)bt * n * C, *d = dHout + (size_t)bt * n * C;
+    size_t ds = bcast ? 0 : C;   // the stride between the streams' gradients
+    const floatX *h = H + (size_t)bt * n * C, *d = dHout + (size_t)bt * (bcast ? 1 : n) * C;
     float r[n * n], p[n], acc[n + n * n];
 #pragma unroll
     for (int q = 0; q < n * n; q++) r[q] = res[(size_t)bt * n * n + q];
@@ -2291,7 +2316,7 @@ __global__ void hc_postmix_backward_kernel(floatX *dH, floatX *dy, float *dpost,
     for (int c = lane * X128; c < C; c += 32 * X128) {
         x128 yv = load128(y + (size_t)bt * C + c), dv[n], hv[n], dyo;
 #pragma unroll
-        for (int i = 0; i < n; i++) { dv[i] = load128(d + (size_t)i * C + c); hv[i] = load128(h + (size_t)i * C + c); }
+        for (int i = 0; i < n; i++) { dv[i] = load128(d + i * ds + c); hv[i] = load128(h + (size_t)i * C + c); }
 #pragma unroll
         for (int e = 0; e < X128; e++) {
             float yy = tof(yv.v[e]), dyv = 0.0f;
@@ -3879,19 +3904,22 @@ __global__ void mhc_small_scatter_kernel(float *dbias, float *dalpha, const floa
     }
 }
 
-// reduce the streams: h = sum_i H_i ; and its backward dH_i += dh
+// h = sum_i H_i (the backward's dx0 = sum_i dH^0_i), one warp per token, 16 bytes a lane
 __global__ void stream_sum_kernel(floatX *h, const floatX *H, int BT, int n, int C) {
-    int bt = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    float s = 0.0f;
-    for (int i = 0; i < n; i++) s += tof(H[((size_t)bt * n + i) * C + c]);
-    h[(size_t)bt * C + c] = tox(s);
-}
-
-__global__ void stream_sum_backward_kernel(floatX *dH, const floatX *dh, int BT, int n, int C) {
-    int bt = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    for (int i = 0; i < n; i++) dH[((size_t)bt * n + i) * C + c] = dh[(size_t)bt * C + c];
+    int bt = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (bt >= BT) return;
+    for (int c = lane * X128; c < C; c += 32 * X128) {
+        float s[X128] = {};
+        for (int i = 0; i < n; i++) {
+            x128 v = load128(H + ((size_t)bt * n + i) * C + c);
+#pragma unroll
+            for (int e = 0; e < X128; e++) s[e] += tof(v.v[e]);
+        }
+        x128 o;
+#pragma unroll
+        for (int e = 0; e < X128; e++) o.v[e] = tox(s[e]);
+        store128(h + (size_t)bt * C + c, o);
+    }
 }
 
 // AdamW on fp32 master weights, then the floatX copy
@@ -3947,7 +3975,7 @@ typedef struct {
     float *ln_mean, *ln_rstd, *pre, *post, *res, *hcn_mean, *hcn_rstd, *hc_ta, *hc_tb, *mhc_rms, *mhc_z, *lnf_mean, *lnf_rstd, *losses, *lse, *att_lse;
 } ActivationTensors;
 
-// slots: stored stream states H^k (K + 1 without recomputation, see hstate)
+// slots: stored stream states H^k (K without recomputation: H^K is not kept, see hstate)
 static void fill_activation_sizes(size_t *sx, size_t *sf, const GPTHCConfig *c, int B, int T, int slots) {
     size_t BT = (size_t)B * T, C = c->channels, L = c->num_layers, K = 2 * L, n = c->n, NH = c->num_heads, Vp = c->padded_vocab_size;
     int hc = c->mode != MODE_RESIDUAL, dhc = c->mode == MODE_DHC, mhc = c->mode == MODE_MHC, fa = attn_impl((int)C, (int)NH, B, T) != ATTN_CUBLAS;
@@ -4091,17 +4119,18 @@ void gpt_build_from_checkpoint(GPTHC *model, const char *path) {
 }
 
 // Recomputation (mHC paper 4.3.2): with rc_len = Lr > 1 the forward keeps the stream state H^k only
-// at block boundaries (k a multiple of Lr, and the last state K); the states inside a block share
-// Lr - 1 slots that every block overwrites, and the backward recomputes a block's inner states
-// (H^{k+1} = res H^k + post y^k from the kept y and coefficients, bit for bit the forward's) before
-// it walks back through that block. Slots: [boundaries 0, Lr, 2 Lr, ..., K | inner 1..Lr-1].
-static int hstate_bounds(const GPTHC *m) { int K = 2 * m->config.num_layers; return K / m->rc_len + 1 + (K % m->rc_len != 0); }
-static int hstate_slots(const GPTHC *m) { return m->rc_len == 1 ? 2 * m->config.num_layers + 1 : hstate_bounds(m) + m->rc_len - 1; }
+// at block boundaries (k a multiple of Lr); the states inside a block share Lr - 1 slots that every
+// block overwrites, and the backward recomputes a block's inner states (H^{k+1} = res H^k + post y^k
+// from the kept y and coefficients, bit for bit the forward's) before it walks back through that
+// block. Slots: [boundaries 0, Lr, 2 Lr, ... < K | inner 1..Lr-1]. The last state H^K is never
+// stored (the last sublayer writes h = sum_i H^K_i): hstate(K) is NULL.
+static int hstate_bounds(const GPTHC *m) { return ceil_div(2 * m->config.num_layers, m->rc_len); }
+static int hstate_slots(const GPTHC *m) { return m->rc_len == 1 ? 2 * m->config.num_layers : hstate_bounds(m) + m->rc_len - 1; }
 static floatX *hstate(GPTHC *m, int k) {
     int K = 2 * m->config.num_layers, Lr = m->rc_len, slot;
+    if (k == K) return NULL;
     if (Lr == 1) slot = k;
     else if (k % Lr == 0) slot = k / Lr;
-    else if (k == K) slot = hstate_bounds(m) - 1;
     else slot = hstate_bounds(m) + k % Lr - 1;
     return m->acts.H + (size_t)slot * m->last_B * m->last_T * m->config.n * m->config.channels;
 }
@@ -4449,7 +4478,7 @@ void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int
 #else
     int fbt = 0;
 #endif
-    encoder_forward_kernel<<<dim3(BT, ceil_div(C, 256)), 256>>>(a->H, model->inputs, px(model, P_WTE), px(model, P_WPE), BT, T, C, n);
+    encoder_forward_kernel<<<ceil_div(BT, 4), 128>>>(a->H, model->inputs, px(model, P_WTE), px(model, P_WPE), BT, T, C, n);
     kernelCheck();
     for (int k = 0; k < K; k++) {
         floatX *Hk = hstate(model, k), *Hn = hstate(model, k + 1), *y = a->y + k * BT * C;
@@ -4459,9 +4488,8 @@ void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int
                 int k1 = k + 1, l1 = k1 / 2;
                 layernorm_forward(a->ln + k1 * BT * C, a->ln_mean + k1 * BT, a->ln_rstd + k1 * BT, Hk,
                                   px(model, k1 % 2 ? P_LN2W : P_LN1W) + l1 * C, px(model, k1 % 2 ? P_LN2B : P_LN1B) + l1 * C, BT, C, y, Hn);
-            } else {
-                add_kernel<<<ceil_div(BT * C, 256), 256>>>(Hn, Hk, y, BT * C);
-                kernelCheck();
+            } else {   // h = H^{K-1} + y and the final LayerNorm, one pass (H^K is not kept)
+                layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, Hk, px(model, P_LNFW), px(model, P_LNFB), BT, C, y, a->hsum);
             }
         } else {
             int fb = hc_fused_boundary(c), ln_done = C <= 32 * PN_NV * X128, whole = fbt && k > 0;   // whole: step k - 1 did the pre-mix
@@ -4513,12 +4541,13 @@ void gpt_forward(GPTHC *model, const int *inputs, const int *targets, int B, int
                 continue;
             }
 #endif
-            DISPATCH_N(n, hc_postmix_forward_kernel, ceil_div(BT, 4), 128, Hn, Hk, y, a->post + k * BT * n, a->res + k * BT * n * n, (int)BT, C);
+            int last = k + 1 == K;   // the last sublayer: h = sum_i H^K_i straight from the post-mix (H^K is not kept)
+            DISPATCH_N(n, hc_postmix_forward_kernel, ceil_div(BT, 4), 128, last ? a->hsum : Hn, Hk, y, a->post + k * BT * n,
+                       a->res + k * BT * n * n, (int)BT, C, last);
             kernelCheck();
         }
     }
-    stream_sum_kernel<<<dim3(BT, ceil_div(C, 256)), 256>>>(a->hsum, hstate(model, K), BT, n, C);
-    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, a->hsum, px(model, P_LNFW), px(model, P_LNFB), BT, C);
+    if (c->mode != MODE_RESIDUAL) layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, a->hsum, px(model, P_LNFW), px(model, P_LNFB), BT, C);
     matmul_forward(a->logits, a->lnf, px(model, P_WTE), NULL, BT, C, Vp);
     if (targets != NULL) {
         ProfScope prof_cls(PROF_CLASSIFIER);
@@ -4557,8 +4586,8 @@ void gpt_backward(GPTHC *model, float loss_scale, int last) {
     size_t BT = (size_t)B * T, S = BT * n * C;
     ParameterTensors *g = &model->grads;
     ActivationTensors *a = &model->acts, *ga = &model->grads_acts;
-    // every gradient buffer is written before it is read: dlogits (unscaled) by the forward, dH^K by
-    // the stream-sum backward, each dH^k first by the post-mix backward (with the fused boundary, by
+    // every gradient buffer is written before it is read: dlogits (unscaled) by the forward, dh (every
+    // dH^K_i) by the final LayerNorm backward, each dH^k first by the post-mix backward (with the fused boundary, by
     // step k + 1's kernel; residual: the LayerNorm backward), then accumulated
     // wte gets two terms per micro-batch (classifier, embedding); they are summed before they
     // meet the accumulated gradient, so accumulating micro-batches on one GPU adds the same
@@ -4569,9 +4598,8 @@ void gpt_backward(GPTHC *model, float loss_scale, int last) {
         dwte = model->wte_acc;
     }
     matmul_backward(ga->lnf, dwte, NULL, ga->logits, a->lnf, px(model, P_WTE), BT, C, Vp, NULL, 0.0f, loss_scale / (float)BT);
+    // dh: every stream's gradient dH^K_i (h = sum_i H^K_i); the last sublayer reads it as such
     layernorm_backward(ga->hsum, g->lnfw, g->lnfb, ga->lnf, a->hsum, px(model, P_LNFW), a->lnf_mean, a->lnf_rstd, BT, C, NULL, 1);
-    stream_sum_backward_kernel<<<dim3(BT, ceil_div(C, 256)), 256>>>(ga->H + (K % 2) * S, ga->hsum, BT, n, C);
-    kernelCheck();
     int Lr = gpt_recompute(model);
     // Side-stream hazards: sublayer j's weight gradients read its dy and its dfch or dqkv. In the HC
     // modes dy alternates between two buffers and attention and MLP sublayers alternate, so sublayer
@@ -4595,15 +4623,17 @@ void gpt_backward(GPTHC *model, float loss_scale, int last) {
         // the state gradients alternate between two buffers: dH^k in slot k % 2
         floatX *Hk = hstate(model, k), *dHk = ga->H + (k % 2) * S, *dHn = ga->H + ((k + 1) % 2) * S;
         if (c->mode == MODE_RESIDUAL) {
-            sublayer_backward(model, k, dHk, dHn, Hk, B, T, dHn);   // dH^k = dH^{k+1} + du
+            const floatX *dHK = k == K - 1 ? ga->hsum : dHn;   // dH^K = dh
+            sublayer_backward(model, k, dHk, dHK, Hk, B, T, dHK);   // dH^k = dH^{k+1} + du
         } else {
             int lnf = hc_ln_fused(C), l = k / 2;
             floatX *u = lnf ? NULL : a->u + k * BT * C, *du = ga->u, *dy = ga->y + (k % 2) * BT * C;   // two dy buffers: see side_wait
             size_t o1 = k * BT * n, o2 = k * BT * n * n;
             if (!fused || k == K - 1) {   // else done by step k + 1
                 ProfScope prof(PROF_HC);
-                DISPATCH_N(n, hc_postmix_backward_kernel, ceil_div(BT, 4), 128, dHk, dy, ga->post, ga->res, dHn, Hk, a->y + k * BT * C,
-                           a->post + o1, a->res + o2, (int)BT, C);
+                int last = k == K - 1;   // dH^K_i = dh for every i: one row, read n times
+                DISPATCH_N(n, hc_postmix_backward_kernel, ceil_div(BT, 4), 128, dHk, dy, ga->post, ga->res, last ? ga->hsum : dHn, Hk,
+                           a->y + k * BT * C, a->post + o1, a->res + o2, (int)BT, C, last);
                 kernelCheck();
                 hc_sinkhorn_backward(model, k, (int)BT);
             }
@@ -4671,7 +4701,7 @@ void gpt_backward(GPTHC *model, float loss_scale, int last) {
     const floatX *dx0 = ga->H;
     int n0 = n;
     if (n > 1) {
-        stream_sum_kernel<<<dim3(BT, ceil_div(C, 256)), 256>>>(ga->hsum, ga->H, BT, n, C);
+        stream_sum_kernel<<<ceil_div(BT, 4), 128>>>(ga->hsum, ga->H, BT, n, C);
         kernelCheck();
         dx0 = ga->hsum;
         n0 = 1;
