@@ -19,7 +19,7 @@ the projection of sublayer k + 1 fused into the post-mix of sublayer k (at C <= 
 pre-mix and LayerNorm of k + 1 too, on rows kept in shared memory), the post-mix backward of
 sublayer k - 1 into the dH pass of sublayer k (which forms H^k from H^{k-1} rather than read it),
 the LayerNorm into the pre-mix and its backward into the pre-mix backward (u recomputed, not
-stored). Variants side by side:
+stored), and the last sublayer's post-mix into the streams' sum (H^K is not stored). Variants side by side:
 dev/cuda/bench_attention.cu, dev/cuda/bench_hc.cu; measurements and history: dev/NOTES.md.
 */
 #include <cublasLt.h>
