@@ -99,6 +99,17 @@ struct alignas(16) x128 { floatX v[16 / sizeof(floatX)]; };
 __device__ __forceinline__ x128 load128(const floatX *p) { return *reinterpret_cast<const x128 *>(p); }
 __device__ __forceinline__ void store128(floatX *p, const x128 &v) { *reinterpret_cast<x128 *>(p) = v; }
 __device__ __forceinline__ floatX tox(float x) { return (floatX)x; }
+// fp32 sums of 16-byte vectors (the stream sums): s += v, and s rounded back to a vector
+__device__ __forceinline__ void add128(float (&s)[X128], const x128 &v) {
+#pragma unroll
+    for (int e = 0; e < X128; e++) s[e] += tof(v.v[e]);
+}
+__device__ __forceinline__ x128 pack128(const float (&s)[X128]) {
+    x128 o;
+#pragma unroll
+    for (int e = 0; e < X128; e++) o.v[e] = tox(s[e]);
+    return o;
+}
 
 static inline unsigned ceil_div(size_t a, size_t b) { return (unsigned)((a + b - 1) / b); }
 
@@ -2265,15 +2276,8 @@ __global__ void hc_postmix_forward_kernel(floatX *Hout, const floatX *H, const f
         if (sum) {
             float acc[X128] = {};
 #pragma unroll
-            for (int i = 0; i < n; i++) {
-                x128 o = postmix_chunk<N>(r, p[i], hv, yv, i);
-#pragma unroll
-                for (int e = 0; e < X128; e++) acc[e] += tof(o.v[e]);
-            }
-            x128 o;
-#pragma unroll
-            for (int e = 0; e < X128; e++) o.v[e] = tox(acc[e]);
-            store128(Hout + (size_t)bt * C + c, o);
+            for (int i = 0; i < n; i++) add128(acc, postmix_chunk<N>(r, p[i], hv, yv, i));
+            store128(Hout + (size_t)bt * C + c, pack128(acc));
             continue;
         }
 #pragma unroll
@@ -3910,15 +3914,8 @@ __global__ void stream_sum_kernel(floatX *h, const floatX *H, int BT, int n, int
     if (bt >= BT) return;
     for (int c = lane * X128; c < C; c += 32 * X128) {
         float s[X128] = {};
-        for (int i = 0; i < n; i++) {
-            x128 v = load128(H + ((size_t)bt * n + i) * C + c);
-#pragma unroll
-            for (int e = 0; e < X128; e++) s[e] += tof(v.v[e]);
-        }
-        x128 o;
-#pragma unroll
-        for (int e = 0; e < X128; e++) o.v[e] = tox(s[e]);
-        store128(h + (size_t)bt * C + c, o);
+        for (int i = 0; i < n; i++) add128(s, load128(H + ((size_t)bt * n + i) * C + c));
+        store128(h + (size_t)bt * C + c, pack128(s));
     }
 }
 
