@@ -391,13 +391,33 @@ static void test_mhc_proj(int BT, int C) {
 #endif
 
 #if !defined(ENABLE_FP32)
-// one model, two paths: a fresh model (C / 64 heads) trained 3 AdamW steps (lr 1e-2, so every HC
-// parameter has moved and has a gradient), then one forward and backward per path (set_path(0),
-// then set_path(1)); r[f] keeps what run f left: loss, gradients, pre/post/res, the sublayer
-// LayerNorms' mean and rstd, and the stream states
+// the largest max abs err / max |b| over the parameter gradients, and whose
+static double worst_grad(const GPTHC *model, const float *a, const float *b, const char **name) {
+    double ma, mr, worst = 0.0;
+    size_t off = 0;
+    for (int ti = 0; ti < NUM_PARAMETER_TENSORS; ti++) {
+        size_t sz = model->param_sizes[ti];
+        if (sz == 0) continue;
+        diff_stats(a + off, b + off, sz, &ma, &mr);
+        double rel = mr > 0 ? ma / mr : 1.0;   // a gradient that vanished would hide a broken path
+        if (rel >= worst) { worst = rel; *name = PARAM_NAMES[ti]; }
+        off += sz;
+    }
+    return worst;
+}
+// one model, two paths: a fresh model (d2, C / 64 heads, seed mseed) trained 3 AdamW steps (lr 1e-2,
+// so every HC parameter has moved and has a gradient), then one forward and backward per path
+// (set_path(0), then set_path(1)); r[f] keeps what run f left: loss, gradients, pre/post/res, the
+// sublayer LayerNorms' mean and rstd, and the stream states; worst (whose: wname) is the largest
+// relative gradient difference (worst_grad), ce the coefficients' max abs difference
 struct PathRun { float loss, *grads, *coef, *stat, *hs; };
-static void two_paths(GPTHC *model, int B, int T, uint64_t seed, void (*set_path)(int), PathRun r[2]) {
-    int BT = B * T, n = model->config.n, K = 2 * model->config.num_layers;
+struct Paths { GPTHC model; PathRun r[2]; double worst, ce; const char *wname; };
+static void two_paths(Paths *P, int mode, int n, int C, int B, int T, uint64_t mseed, uint64_t seed, void (*set_path)(int)) {
+    GPTHCConfig cfg = {T, 500, 512, 2, C / 64, C, mode, n, 20};
+    GPTHC *model = &P->model;
+    PathRun *r = P->r;
+    gpt_build_fresh(model, &cfg, mseed);
+    int BT = B * T, K = 2 * model->config.num_layers;
     int *inp = (int *)mallocCheck(BT * sizeof(int)), *tgt = (int *)mallocCheck(BT * sizeof(int));
     for (int i = 0; i < BT; i++) { inp[i] = rng_next(&seed) % 500; tgt[i] = rng_next(&seed) % 500; }
     for (int t = 1; t <= 3; t++) {
@@ -425,23 +445,14 @@ static void two_paths(GPTHC *model, int B, int T, uint64_t seed, void (*set_path
     }
     set_path(0);
     free(inp); free(tgt);
+    double cm;
+    P->wname = "";
+    P->worst = worst_grad(model, r[0].grads, r[1].grads, &P->wname);
+    diff_stats(r[0].coef, r[1].coef, nco, &P->ce, &cm);
 }
-static void free_paths(PathRun r[2]) {
-    for (int f = 0; f < 2; f++) { free(r[f].grads); free(r[f].coef); free(r[f].stat); free(r[f].hs); }
-}
-// the largest max abs err / max |b| over the parameter gradients, and whose
-static double worst_grad(const GPTHC *model, const float *a, const float *b, const char **name) {
-    double ma, mr, worst = 0.0;
-    size_t off = 0;
-    for (int ti = 0; ti < NUM_PARAMETER_TENSORS; ti++) {
-        size_t sz = model->param_sizes[ti];
-        if (sz == 0) continue;
-        diff_stats(a + off, b + off, sz, &ma, &mr);
-        double rel = mr > 0 ? ma / mr : 1.0;   // a gradient that vanished would hide a broken path
-        if (rel >= worst) { worst = rel; *name = PARAM_NAMES[ti]; }
-        off += sz;
-    }
-    return worst;
+static void free_paths(Paths *P) {
+    for (int f = 0; f < 2; f++) { free(P->r[f].grads); free(P->r[f].coef); free(P->r[f].stat); free(P->r[f].hs); }
+    gpt_free(&P->model);
 }
 
 // the tensor-core HC kernels (g_hc_fused = 1, the BF16 default for even n and C % 64 == 0) against
@@ -449,20 +460,14 @@ static double worst_grad(const GPTHC *model, const float *a, const float *b, con
 // gradient tensor are compared (max abs err / max |plain|)
 static void fused_path(int f) { g_hc_fused = 1 - f; }
 static void test_fused_paths(int mode, int n, int C, int B, int T) {
-    GPTHCConfig cfg = {T, 500, 512, 2, C / 64, C, mode, n, 20};
-    GPTHC model;
-    gpt_build_fresh(&model, &cfg, 7 + n);
-    PathRun r[2];
-    two_paths(&model, B, T, 42 + n, fused_path, r);
-    const char *wname = "";
-    double worst = worst_grad(&model, r[0].grads, r[1].grads, &wname), ce, cm;
-    diff_stats(r[0].coef, r[1].coef, (size_t)4 * B * T * (2 * n + n * n), &ce, &cm);
+    Paths P;
+    two_paths(&P, mode, n, C, B, T, 7 + n, 42 + n, fused_path);
+    PathRun *r = P.r;
     // the fused path rounds g_q = lnw o W_q and dp to bf16 where the plain one keeps fp32
-    report(worst < 2e-2 && ce < 5e-4 && fabs(r[0].loss - r[1].loss) < 1e-3,
+    report(P.worst < 2e-2 && P.ce < 5e-4 && fabs(r[0].loss - r[1].loss) < 1e-3,
            "fused vs plain HC kernels, %s n=%d C=%d BT=%d: loss %.6f vs %.6f, coefficients max abs err %.1e, worst gradient %s rel %.1e",
-           MODE_NAMES[mode], n, C, B * T, r[0].loss, r[1].loss, ce, wname, worst);
-    free_paths(r);
-    gpt_free(&model);
+           MODE_NAMES[mode], n, C, B * T, r[0].loss, r[1].loss, P.ce, P.wname, P.worst);
+    free_paths(&P);
 }
 
 // the whole-row forward boundary (hc_fwd_boundary_kernel: post-mix, projection, gates, pre-mix and
@@ -472,24 +477,19 @@ static void test_fused_paths(int mode, int n, int C, int B, int T) {
 // gradient close
 static void fwd_path(int f) { g_fwd_boundary = 1 - f; }
 static void test_fwd_boundary(int mode, int n, int C, int B, int T) {
-    GPTHCConfig cfg = {T, 500, 512, 2, C / 64, C, mode, n, 20};
-    GPTHC model;
-    gpt_build_fresh(&model, &cfg, 5 + n);
-    PathRun r[2];
-    two_paths(&model, B, T, 17 + n, fwd_path, r);
-    size_t BT = (size_t)B * T, ns = BT * n * C, nh = model.act_sizes_x[0];   // slot k holds H^k (no recomputation)
-    const char *wname = "";
-    double worst = worst_grad(&model, r[0].grads, r[1].grads, &wname), ce, cm, se, sm, he, hm;
-    diff_stats(r[0].coef, r[1].coef, 4 * BT * (2 * n + n * n), &ce, &cm);
+    Paths P;
+    two_paths(&P, mode, n, C, B, T, 5 + n, 17 + n, fwd_path);
+    PathRun *r = P.r;
+    size_t BT = (size_t)B * T, ns = BT * n * C, nh = P.model.act_sizes_x[0];   // slot k holds H^k (no recomputation)
+    double se, sm, he, hm;
     diff_stats(r[0].stat, r[1].stat, 4 * BT * 2, &se, &sm);
     diff_stats(r[0].hs, r[1].hs, nh, &he, &hm);
     int same = memcmp(r[0].hs, r[1].hs, 2 * ns * sizeof(float)) == 0;
-    report(same && he / hm < 1e-2 && ce < 1e-4 && se / sm < 1e-3 && fabs(r[0].loss - r[1].loss) < 1e-4 && worst < 1e-2,
+    report(same && he / hm < 1e-2 && P.ce < 1e-4 && se / sm < 1e-3 && fabs(r[0].loss - r[1].loss) < 1e-4 && P.worst < 1e-2,
            "whole-row forward boundary vs the kernels apart, %s n=%d C=%d BT=%zu: H^1 bit-identical (%s), states rel %.1e, "
            "loss %.6f vs %.6f, coefficients max abs err %.1e, LayerNorm mean/rstd rel %.1e, worst gradient %s rel %.1e",
-           MODE_NAMES[mode], n, C, BT, same ? "yes" : "NO", he / hm, r[0].loss, r[1].loss, ce, se / sm, wname, worst);
-    free_paths(r);
-    gpt_free(&model);
+           MODE_NAMES[mode], n, C, BT, same ? "yes" : "NO", he / hm, r[0].loss, r[1].loss, P.ce, se / sm, P.wname, P.worst);
+    free_paths(&P);
 }
 #endif
 
